@@ -1,0 +1,19 @@
+"""helpers: the thin package behind the llava-sd-notebooks notebooks.
+
+`import helpers as h` stays light: torch, diffusers and transformers are imported inside the functions that use them.
+"""
+__version__ = "0.1.0"
+
+from .runtime import Profile, SetupStop, detect_profile, pick_dtype, setup
+from .smoke import cap, cap_size, is_tiny, use_tiny
+from .storage import atomic_open, atomic_write, mount_drive, project_paths
+from .registry import MODELS, resolve
+from .loading import load_llava, load_sd
+from .images import open_image, parameters_text, save_image
+from .vlm import ask
+
+__all__ = [
+    "MODELS", "Profile", "SetupStop", "ask", "atomic_open", "atomic_write", "cap", "cap_size", "detect_profile",
+    "is_tiny", "load_llava", "load_sd", "mount_drive", "open_image", "parameters_text", "pick_dtype", "project_paths", "resolve",
+    "save_image", "setup", "use_tiny",
+]

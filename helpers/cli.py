@@ -1,0 +1,187 @@
+"""`python -m helpers ...`: the same functions as the notebooks, from a shell.
+
+    python -m helpers doctor     what this machine has, what is wrong, and how to fix it
+    python -m helpers demo       the main job: SD 1.5 paints an image from a prompt, LLaVA 1.6 describes it
+"""
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from . import runtime, smoke, storage
+
+DIST = "llava-sd-notebooks"
+DEMO_SD, DEMO_LLAVA = "sd15", "llava-1.6-mistral-7b"
+
+
+# --- doctor ----------------------------------------------------------------------------------------------------------
+
+def version_findings() -> list[str]:
+    """Installed versions of our dependencies that fall outside the ranges in pyproject.toml."""
+    from packaging.requirements import Requirement
+
+    try:
+        requires = importlib.metadata.requires(DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        return [f"the {DIST} package is not installed: run `bash colab_setup.sh` in the project folder"]
+    findings = []
+    for line in requires:
+        req = Requirement(line)
+        if req.marker and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            findings.append(f"{req.name} is missing (tested: {req.specifier}): run `bash colab_setup.sh`")
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            findings.append(f"{req.name} {have} is outside the tested range {req.specifier}: "
+                            f"pip install '{req.name}{req.specifier}'")
+    return findings
+
+
+def runtime_findings(profile: runtime.Profile) -> list[str]:
+    """Known problems of this runtime, each with its fix."""
+    findings = []
+    if profile.device == "cpu":
+        findings.append("no GPU: the real models need one. On Colab: Runtime > Change runtime type > T4 GPU. "
+                        "Here, HELPERS_TINY=1 runs everything on tiny offline models")
+    if profile.device == "cuda":
+        import torch
+
+        if torch.cuda.is_bf16_supported() and not profile.native_bf16:
+            findings.append(f"torch says bf16 is supported on this {profile.gpu_name} (cc "
+                            f"{'.'.join(map(str, profile.compute_capability))}), but it is emulated and slow: the "
+                            "helpers use fp16 here; do not pass dtype=torch.bfloat16")
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:
+            findings.append(f"bitsandbytes does not load ({type(e).__name__}: {e}): 4-bit LLaVA needs it: "
+                            "pip install 'bitsandbytes==0.50.2'")
+    if importlib.util.find_spec("torchvision") is not None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as e:
+            findings.append(f"torchvision is installed but broken ({type(e).__name__}: {str(e)[:80]}), which breaks "
+                            "transformers' image processors: pip uninstall -y torchvision, or install the "
+                            "torchvision built for your torch")
+    if profile.ram_gb and profile.ram_gb < 16:
+        findings.append(f"RAM {profile.ram_gb:.1f} GB: load models straight to the GPU (the helpers do) and one "
+                        "large model at a time; free each before loading the next")
+    if profile.platform == "colab" and not Path("/content/drive/MyDrive").is_dir():
+        findings.append("Google Drive is not mounted: outputs are lost at disconnect. Run helpers.setup() (it "
+                        "mounts Drive) or helpers.mount_drive()")
+    return findings
+
+
+def hub_line() -> str:
+    from huggingface_hub import get_token
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    token = "a token is set" if get_token() else ("no token (gated models such as sd3-medium and flux-dev need one: "
+                                                  "the Colab secret HF_TOKEN or the HF_TOKEN variable)")
+    return f"hub: {'offline (HF_HUB_OFFLINE=1)' if offline else 'online'}; {token}"
+
+
+def doctor(args) -> int:
+    profile = runtime.detect_profile()
+    print(runtime.describe(profile, f"files {storage.project_root()}"))
+    versions = []
+    for dist in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub",
+                 "safetensors", "ipywidgets"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} (missing)")
+    print("versions: " + ", ".join(versions))
+    print(hub_line())
+    findings = version_findings() + runtime_findings(profile)
+    for finding in findings:
+        print(f"  [!] {finding}")
+    print(f"{len(findings)} finding(s)." if findings else "No known problems found.")
+    return 0
+
+
+# --- demo ----------------------------------------------------------------------------------------------------------
+
+def hub_reachable(repo_ids, timeout: float = 3.0) -> bool:
+    """Whether the weights can be had: in the local cache, or the hub answers within `timeout` seconds."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = all(isinstance(try_to_load_from_cache(r, f), str)
+                 for r, f in zip(repo_ids, ("model_index.json", "config.json")))
+    if cached or constants.HF_HUB_OFFLINE:
+        return cached
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def demo(args) -> int:
+    import torch
+    from accelerate.utils import release_memory
+
+    from . import images, loading, registry, vlm
+
+    profile = runtime.detect_profile()
+    if not smoke.is_tiny():
+        repo_ids = [registry.MODELS[DEMO_SD].repo_id, registry.MODELS[DEMO_LLAVA].repo_id]
+        reason = ("no CUDA GPU here" if profile.device != "cuda"
+                  else None if hub_reachable(repo_ids) else "the model hub cannot be reached and the weights are "
+                                                            "not in the local cache")
+        if reason:
+            print(f"SMOKE MODE: {reason}, so the demo runs on tiny random-weight models instead of SD 1.5 and "
+                  "LLaVA 1.6. It proves the whole path runs; the image and the caption are noise.")
+            smoke.use_tiny()
+    out = Path(args.out) if args.out else storage.project_paths().outputs / "demo"
+    print(runtime.describe(profile, f"files {out}"))
+
+    t0 = time.perf_counter()
+    pipe = loading.load_sd(DEMO_SD, "txt2img", profile=profile)
+    pipe.set_progress_bar_config(disable=not args.progress)
+    steps = smoke.cap("steps", args.steps)
+    width, height = smoke.cap_size(512, 512)
+    image = pipe(prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=7.0,
+                 width=width, height=height, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
+    parameters = images.parameters_text(args.prompt, args.negative, Steps=steps,
+                                        Sampler=type(pipe.scheduler).__name__, CFG_scale=7.0, Seed=args.seed,
+                                        Size=f"{width}x{height}", Model=DEMO_SD + (" (tiny)" if smoke.is_tiny() else ""))
+    image_path = images.save_image(image, out, parameters, label=str(args.seed))
+    print(f"image:   {image_path}  ({time.perf_counter() - t0:.1f} s)")
+    release_memory(pipe)
+    del pipe
+
+    t0 = time.perf_counter()
+    model, processor = loading.load_llava(DEMO_LLAVA, profile=profile)
+    caption = vlm.ask(model, processor, image, "Describe this image in one sentence.", max_new_tokens=60)
+    caption_path = storage.atomic_write(image_path.with_suffix(".txt"), caption + "\n")
+    print(f"caption: {caption_path}  ({time.perf_counter() - t0:.1f} s)")
+    print(f"         {caption!r}")
+    if smoke.is_tiny():
+        print(f"SMOKE MODE: {smoke.NOISE_NOTICE}.")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check the runtime, versions, GPU, Drive; known problems with their fixes")
+    p = sub.add_parser("demo", help="generate an image with SD 1.5 and describe it with LLaVA 1.6 "
+                                    "(tiny offline models where there is no GPU or hub)")
+    p.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset, soft light")
+    p.add_argument("--negative", default="blurry, low quality")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", help="output folder (default: the project's outputs/demo)")
+    p.add_argument("--progress", action="store_true", help="show the denoising progress bar")
+    args = parser.parse_args(argv)
+    runtime.quiet_logging()
+    return {"doctor": doctor, "demo": demo}[args.command](args)

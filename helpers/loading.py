@@ -1,0 +1,88 @@
+"""One place that turns a model name and a task into a loaded model: load_sd(...) and load_llava(...).
+
+The name goes through the registry (so SMOKE MODE swaps in the tiny models) and the dtype follows the runtime's
+policy (fp16 on a T4, bf16 from Ampere on, fp32 on CPU). Only safetensors weights are loaded; remote code never runs.
+"""
+from . import registry, runtime
+
+SD_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
+                "inpaint": "AutoPipelineForInpainting"}
+QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
+
+
+def _load_error(resolved, error: Exception) -> OSError:
+    spec = resolved.spec
+    gated = (f" {spec.name} is gated: accept its licence on its hub page, then add your token as the Colab secret "
+             "HF_TOKEN (key icon on the left) or set the HF_TOKEN environment variable.") if spec and spec.gated else ""
+    return OSError(f"Could not load {resolved.source!r}: {error}.{gated} Without network access, run with "
+                   "HELPERS_TINY=1 to use the tiny offline models; `python -m helpers doctor` checks the rest.")
+
+
+def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runtime.Profile | None = None):
+    """A diffusers pipeline for `task` ("txt2img", "img2img" or "inpaint") from a registry name, hub id or folder,
+    in the runtime's dtype, on its device. SDXL in fp16 gets the fp16-fix VAE (the stock one overflows to black)."""
+    if task not in SD_PIPELINES:
+        raise ValueError(f"`task` must be one of {', '.join(SD_PIPELINES)}, not {task!r}.")
+    resolved = registry.resolve(name, task=task)
+    if resolved.family == "llava_next":
+        raise ValueError(f"{name!r} is a LLaVA model: load it with load_llava({name!r}).")
+    import diffusers
+    import torch
+
+    profile = profile or runtime.detect_profile()
+    dtype = dtype or runtime.pick_dtype(profile)
+    kwargs = {"dtype": dtype, "use_safetensors": True}
+    if resolved.revision:
+        kwargs["revision"] = resolved.revision
+    if not resolved.tiny and resolved.spec and resolved.spec.fp16_variant and dtype == torch.float16:
+        kwargs["variant"] = "fp16"
+    try:
+        if resolved.family == "sdxl" and dtype == torch.float16 and not resolved.tiny:
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype)
+        pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(resolved.source, **kwargs)
+    except OSError as e:
+        raise _load_error(resolved, e) from e
+    return pipe.to(profile.device)
+
+
+def choose_quantization(resolved, profile: runtime.Profile) -> str:
+    """"none" where the half-precision weights fit in VRAM with room for activations, else "4bit" (nf4); always
+    "none" on CPU and for the tiny models. (helpers.memory will refine this with real activation estimates.)"""
+    if profile.device != "cuda" or resolved.tiny or resolved.spec is None:
+        return "none"
+    half_gb = resolved.spec.params_b * 2 * 1e9 / runtime.GB
+    return "none" if half_gb * 1.2 < profile.vram_gb else "4bit"
+
+
+def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", profile: runtime.Profile | None = None):
+    """(model, processor) of a LLaVA 1.6 checkpoint. quantization: "auto", "4bit" (nf4, double quant, compute in the
+    runtime dtype), "8bit" or "none". On a GPU the weights go straight to it (device_map), never through a full copy
+    in RAM."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"`quantization` must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
+    resolved = registry.resolve(name, task="vlm")
+    if resolved.family not in ("llava_next", None):
+        raise ValueError(f"{name!r} is a {resolved.family} image generator: load it with load_sd({name!r}).")
+    from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditionalGeneration
+
+    profile = profile or runtime.detect_profile()
+    dtype = runtime.pick_dtype(profile)
+    if quantization == "auto":
+        quantization = choose_quantization(resolved, profile)
+    kwargs = {"dtype": dtype, "revision": resolved.revision, "use_safetensors": True}
+    if profile.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        model = LlavaNextForConditionalGeneration.from_pretrained(resolved.source, **kwargs).eval()
+        processor = AutoProcessor.from_pretrained(resolved.source, revision=resolved.revision)
+    except OSError as e:
+        raise _load_error(resolved, e) from e
+    if profile.device == "mps":
+        model = model.to("mps")
+    return model, processor

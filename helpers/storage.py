@@ -1,0 +1,125 @@
+"""Where files go: Google Drive on Colab (with a local fallback), the project folder layout, and atomic writes.
+
+Every file the project saves goes through `atomic_write`/`atomic_open`: the data is written to a temporary file in the
+same folder, flushed to disk, then renamed over the target in one step, so a crash mid-write leaves the old file whole.
+"""
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = "llava-sd-notebooks"
+ENV_HOME = "HELPERS_HOME"              # overrides where the project folder is
+COLAB_MOUNT = Path("/content/drive")
+COLAB_DRIVE_ROOT = COLAB_MOUNT / "MyDrive" / PROJECT
+COLAB_LOCAL_ROOT = Path("/content") / f"{PROJECT}-data"   # when Drive cannot be mounted: lost at disconnect
+
+_root: Path | None = None              # set by mount_drive()
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+    outputs: Path    # generated images, captions, transcripts
+    datasets: Path   # training images and captions
+    models: Path     # trained LoRAs, DreamBooth models, exports
+    runs: Path       # training runs: checkpoints, samples, logs
+
+
+def default_root() -> Path:
+    if os.environ.get(ENV_HOME):
+        return Path(os.environ[ENV_HOME]).expanduser()
+    return Path.home() / PROJECT
+
+
+def mount_drive(mountpoint: Path = COLAB_MOUNT) -> Path:
+    """Mount Google Drive on Colab and use MyDrive/llava-sd-notebooks; elsewhere, or when mounting fails, a local
+    folder (and say so). Returns the project root."""
+    global _root
+    if os.environ.get(ENV_HOME):
+        _root = default_root()
+    else:
+        try:
+            from google.colab import drive
+        except ImportError:
+            _root = default_root()
+        else:
+            try:
+                drive.mount(str(mountpoint))
+                _root = mountpoint / "MyDrive" / PROJECT
+            except Exception as e:  # a refused authorisation, a timeout: go on with a local folder
+                _root = COLAB_LOCAL_ROOT
+                print(f"Drive could not be mounted ({type(e).__name__}: {e}). Saving to {_root} instead: "
+                      "these files are lost when the session ends; download them, or run this cell again to retry.")
+    return project_paths(_root).root
+
+
+def project_root() -> Path:
+    """The project folder: HELPERS_HOME if set, else the one mount_drive() chose, else ~/llava-sd-notebooks."""
+    if os.environ.get(ENV_HOME):
+        return default_root()
+    return _root or default_root()
+
+
+def project_paths(root: Path | str | None = None) -> ProjectPaths:
+    """The project folder layout (created on first use)."""
+    root = Path(root) if root is not None else project_root()
+    paths = ProjectPaths(root=root, outputs=root / "outputs", datasets=root / "datasets", models=root / "models",
+                         runs=root / "runs")
+    for p in (paths.outputs, paths.datasets, paths.models, paths.runs):
+        p.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", encoding: str | None = None):
+    """Open a temporary file beside `path`; on a clean exit it replaces `path` in one step, on an error it is removed
+    and `path` is left as it was."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', not {mode!r}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write `data` to `path` atomically (see atomic_open). Returns the path."""
+    if isinstance(data, str):
+        with atomic_open(path, "w", encoding=encoding) as f:
+            f.write(data)
+    else:
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+    return Path(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable where the file system allows it (not on every FUSE mount, such as Drive)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def next_free_path(folder, suffix: str, label: str = "") -> Path:
+    """`folder/NNNNN[-label]suffix` with the next number after the highest one there (A1111's naming), so a new
+    file never overwrites an earlier one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in folder.iterdir() if p.name[:5].isdigit()]
+    n = max(numbers, default=-1) + 1
+    return folder / f"{n:05d}{'-' + label if label else ''}{suffix}"
