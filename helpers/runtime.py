@@ -127,6 +127,10 @@ def check(profile: Profile) -> None:
 def quiet_logging() -> None:
     """Keep notebook output readable: library warnings that do not concern the user are silenced."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers and diffusers set their loggers' level from these when first imported (setLevel before that
+    # is overwritten); set your own value to see more.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     for name in ("transformers", "diffusers", "accelerate", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
