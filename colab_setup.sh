@@ -29,7 +29,7 @@ else
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then SPEC="torch>=2.4,<2.15"; else SPEC="torch==2.13.0"; fi
   say "installing $SPEC"
   "$PYTHON" -m pip install -q "$SPEC"
-  TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
+  TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)"  # (numpy is not there yet: torch warns)
 fi
 # pip may not replace the torch we have, whatever another package asks for
 echo "torch==$TORCH_VERSION" > "$TORCH_PIN"

@@ -157,9 +157,5 @@ def setup(mount: bool = True, profile: Profile | None = None) -> Profile:
     except SetupStop:
         print(describe(profile))
         raise
-    line = None
-    if mount:
-        root = storage.mount_drive() if profile.platform == "colab" else storage.project_root()
-        line = f"files {root}"
-    print(describe(profile, line))
+    print(describe(profile, f"files {storage.mount_drive()}" if mount else None))
     return profile

@@ -37,3 +37,10 @@ def test_doctor_reports(tmp_path):
 def test_unknown_command():
     result = run("paint")
     assert result.returncode == 2 and "invalid choice: 'paint'" in result.stderr
+
+
+def test_hub_is_unreachable_offline_without_cached_weights():
+    from helpers import cli
+
+    assert cli.hub_reachable(["stable-diffusion-v1-5/stable-diffusion-v1-5", "llava-hf/llava-v1.6-mistral-7b-hf"]) \
+        is False
