@@ -126,7 +126,7 @@ def hub_reachable(repo_ids, timeout: float = 3.0) -> bool:
 
 def demo(args) -> int:
     import torch
-    from accelerate.utils import release_memory
+    from accelerate.utils.memory import clear_device_cache
 
     from . import images, loading, registry, vlm
 
@@ -155,8 +155,8 @@ def demo(args) -> int:
                                         Size=f"{width}x{height}", Model=DEMO_SD + (" (tiny)" if smoke.is_tiny() else ""))
     image_path = images.save_image(image, out, parameters, label=str(args.seed))
     print(f"image:   {image_path}  ({time.perf_counter() - t0:.1f} s)")
-    release_memory(pipe)
     del pipe
+    clear_device_cache(garbage_collection=True)  # SD leaves the GPU before LLaVA arrives
 
     t0 = time.perf_counter()
     model, processor = loading.load_llava(DEMO_LLAVA, profile=profile)

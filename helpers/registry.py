@@ -150,6 +150,9 @@ def resolve(name: str, task: str | None = None, family: str | None = None) -> Re
         return Resolved(source=spec.repo_id, family=spec.family, task=task or spec.task, revision=spec.revision,
                         spec=spec)
     path = Path(name).expanduser()
+    if path.is_file():
+        raise ValueError(f"{name!r} is a single file; a model here is a diffusers/transformers folder, a hub id or "
+                         f"a catalogue name ({', '.join(MODELS)}). Single-file checkpoints are not supported yet.")
     if path.is_dir():
         fam, native_task = family_of_folder(path)
         return Resolved(source=str(path.resolve()), family=family or fam, task=task or native_task)

@@ -13,7 +13,7 @@ def run(*args, **env):
 
 def test_demo_without_gpu_runs_on_tiny_models_and_says_so(tmp_path):
     # No HELPERS_TINY: the demo itself must notice that there is no GPU and switch to the tiny models.
-    result = run("demo", "--out", str(tmp_path), "--seed", "7", HELPERS_TINY="0")
+    result = run("demo", "--out", str(tmp_path), "--seed", "7", HELPERS_TINY="0", CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "SMOKE MODE: no CUDA GPU here" in out

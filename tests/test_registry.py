@@ -76,6 +76,12 @@ def test_bad_names(name, message):
         registry.resolve(name)
 
 
+def test_a_single_file_is_refused_with_what_to_pass(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a single file; a model here is a diffusers/transformers folder"):
+        registry.resolve(str(tmp_path / "model.safetensors"))
+
+
 def test_bad_task_and_family():
     with pytest.raises(ValueError, match="Unknown task 'paint'"):
         registry.resolve("sd15", task="paint")
