@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 # Words the tiny CLIP tokenizer knows as whole tokens; any other text falls back to single bytes, as in real CLIP.
@@ -314,16 +315,17 @@ def _build_llava(folder: Path, tmp: Path, chat_format: str) -> None:
     processor.save_pretrained(folder)
 
 
+# key -> builder(folder, tmp): the registry's ModelSpec.tiny names one of these keys
 BUILDERS = {
-    "sd15": lambda folder, tmp: _build_sd15(folder, tmp),
-    "sd15-inpaint": lambda folder, tmp: _build_sd15(folder, tmp, in_channels=9),
-    "sdxl": lambda folder, tmp: _build_sdxl(folder, tmp),
-    "sdxl-inpaint": lambda folder, tmp: _build_sdxl(folder, tmp, in_channels=9),
+    "sd15": _build_sd15,
+    "sd15-inpaint": partial(_build_sd15, in_channels=9),
+    "sdxl": _build_sdxl,
+    "sdxl-inpaint": partial(_build_sdxl, in_channels=9),
     "sd3": _build_sd3,
     "flux": _build_flux,
-    "llava-next-mistral": lambda folder, tmp: _build_llava(folder, tmp, "mistral"),
-    "llava-next-vicuna": lambda folder, tmp: _build_llava(folder, tmp, "vicuna"),
-    "llava-next-chatml": lambda folder, tmp: _build_llava(folder, tmp, "chatml"),
+    "llava-next-mistral": partial(_build_llava, chat_format="mistral"),
+    "llava-next-vicuna": partial(_build_llava, chat_format="vicuna"),
+    "llava-next-chatml": partial(_build_llava, chat_format="chatml"),
 }
 
 
