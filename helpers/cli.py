@@ -1,13 +1,17 @@
 """`python -m helpers ...`: the same functions as the notebooks, from a shell.
 
-    python -m helpers doctor     what this machine has, what is wrong, and how to fix it
-    python -m helpers demo       the main job: SD 1.5 paints an image from a prompt, LLaVA 1.6 describes it
+    python -m helpers doctor                     what this machine has, what is wrong, and how to fix it
+    python -m helpers demo                       the main job: SD 1.5 paints an image, LLaVA 1.6 describes it
+    python -m helpers chat IMAGE "QUESTION"      LLaVA answers a question about an image (streamed)
+    python -m helpers caption FOLDER [--style detailed] [--trigger WORD] [--overwrite]
+                                                 a kohya-style .txt caption beside every image (resumable)
 """
 import argparse
 import importlib.metadata
 import importlib.util
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,6 +20,7 @@ from . import runtime, smoke, storage
 
 DIST = "llava-sd-notebooks"
 DEMO_SD, DEMO_LLAVA = "sd15", "llava-1.6-mistral-7b"
+CAPTION_STYLES = ("short", "detailed", "tags")  # helpers.captions.STYLES, named here to keep the CLI start light
 
 
 # --- doctor ----------------------------------------------------------------------------------------------------------
@@ -169,6 +174,41 @@ def demo(args) -> int:
     return 0
 
 
+# --- LLaVA from the shell --------------------------------------------------------------------------------------------
+
+def _smoke_notice() -> None:
+    if smoke.is_tiny():
+        print(f"SMOKE MODE: {smoke.NOISE_NOTICE}.", file=sys.stderr)
+
+
+def chat(args) -> int:
+    from . import images, loading, vlm
+
+    if not args.question.strip():  # bad input is refused before a model of several GB is loaded
+        raise ValueError(f"The question must be a non-empty string, not {args.question!r}.")
+    image = images.open_image(args.image)
+    settings = vlm.GenerationSettings(max_new_tokens=args.max_new_tokens)
+    _smoke_notice()
+    model, processor = loading.load_llava(args.model, quantization=args.quantization)
+    for piece in vlm.ChatSession(model, processor, settings=settings).stream(args.question, images=[image]):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def caption(args) -> int:
+    from . import captions, images, loading
+
+    if not images.list_images(args.folder):
+        raise ValueError(f"No images in {args.folder!r} (looked for .png, .jpg, .webp, ... in it and its sub-folders).")
+    _smoke_notice()
+    model, processor = loading.load_llava(args.model, quantization=args.quantization)
+    report = captions.caption_folder(args.folder, model, processor, style=args.style, trigger=args.trigger,
+                                     max_chars=args.max_chars, batch_size=args.batch_size, overwrite=args.overwrite)
+    print(report)
+    return 1 if report.failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +222,26 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="output folder (default: the project's outputs/demo)")
     p.add_argument("--progress", action="store_true", help="show the denoising progress bar")
+    for name, text in (("chat", "answer a question about an image with LLaVA 1.6"),
+                       ("caption", "caption every image in a folder into .txt files beside them")):
+        p = sub.add_parser(name, help=text)
+        if name == "chat":
+            p.add_argument("image", help="an image file or URL")
+            p.add_argument("question")
+            p.add_argument("--max-new-tokens", type=int, default=256)
+        else:
+            p.add_argument("folder")
+            p.add_argument("--style", choices=list(CAPTION_STYLES), default="detailed")
+            p.add_argument("--trigger", help="a trigger word (or prefix) put first in every caption")
+            p.add_argument("--overwrite", action="store_true", help="replace existing captions (default: skip)")
+            p.add_argument("--batch-size", type=int, default=4)
+            p.add_argument("--max-chars", type=int, help="cut captions at the last whole sentence that fits")
+        p.add_argument("--model", default=DEMO_LLAVA, help="a catalogue name, hub id or local folder")
+        p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto")
     args = parser.parse_args(argv)
     runtime.quiet_logging()
-    return {"doctor": doctor, "demo": demo}[args.command](args)
+    try:
+        return {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to do, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,26 +1,116 @@
 """Opening and saving images: orientation and mode normalised on the way in, parameters kept on the way out."""
+import os
 from pathlib import Path
 
 from . import storage
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_DOWNLOAD_BYTES = 50_000_000  # 50 MB: far above any photo a person would chat about
+DOWNLOAD_TIMEOUT_S = 30
+# What PIL raises for a broken or unsupported file (UnidentifiedImageError and "image file is truncated" are OSErrors).
+_READ_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError)
 
-def open_image(path):
-    """An RGB PIL image from `path`, with its EXIF orientation applied. Errors name the file and say why."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
+def open_image(source, min_side: int = 8, max_pixels: int = 64_000_000):
+    """An RGB PIL image (fully loaded, file closed) from `source`: a file path, an http(s) URL or a PIL image (not
+    modified). EXIF orientation is applied, transparency becomes white, 16-bit images are scaled to 8 bits, and an
+    animated file gives its first frame. A file that cannot be read, or is smaller than `min_side` px a side or larger
+    than `max_pixels` pixels, raises ValueError naming it and saying what to do (FileNotFoundError for a missing path).
+    """
+    import io
+    import warnings
+    from contextlib import nullcontext
+
+    from PIL import Image, UnidentifiedImageError
+
+    fix = "Re-save it as PNG or JPEG."
+    if isinstance(source, Image.Image):
+        name = f"<PIL image {source.width}x{source.height} {source.mode}>"
+    elif isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        name, fix = source, "Check that the URL links to the image file itself, not to a web page."
+        source = io.BytesIO(_download(source))
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = str(path)
+        if path.is_dir():
+            raise ValueError(f"{name!r} is a folder, not an image file. Pass one image, or list_images({name!r}).")
+        if not path.exists():
+            raise FileNotFoundError(f"No image at {name!r}. Check the path (and that Drive is mounted).")
+    else:
+        raise TypeError(f"`source` must be a file path, an http(s) URL or a PIL image, not {type(source).__name__}.")
+
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                background = Image.new("RGB", im.size, (255, 255, 255))  # transparency becomes white, not black
-                background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-                return background
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No image at {str(path)!r}.") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"Cannot read image {str(path)!r}: {e}. Re-save it as PNG or JPEG.") from e
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its own pixel limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with (nullcontext(source) if isinstance(source, Image.Image) else Image.open(source)) as im:
+                width, height = im.size  # from the header: no pixels decoded yet
+                if min(width, height) >= min_side and width * height <= max_pixels:
+                    return _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"Image {name!r} is too large: {e} Resize it to at most {max_pixels:,} pixels "
+                         "(PIL's own limit is Image.MAX_IMAGE_PIXELS).") from None
+    except _READ_ERRORS as e:
+        reason = "PIL does not recognise it as an image" if isinstance(e, UnidentifiedImageError) else e
+        raise ValueError(f"Cannot read image {name!r}: {reason}. {fix}") from e
+    if min(width, height) < min_side:
+        raise ValueError(f"Image {name!r} is too small ({width}x{height} px): LLaVA needs at least {min_side} px a "
+                         "side (`min_side`). Use a larger image.")
+    raise ValueError(f"Image {name!r} is too large ({width}x{height} px = {width * height:,} pixels, more than "
+                     f"max_pixels={max_pixels:,}). Resize it (LLaVA 1.6 scales it to 1344 px a side at most anyway), "
+                     "or pass a larger `max_pixels` if you trust the file.")
+
+
+def _to_rgb(im):
+    """A new RGB image from the opened image `im`: decoded, EXIF-rotated, 16-bit scaled, transparency on white."""
+    from PIL import Image, ImageOps
+
+    im.load()  # decode every pixel now, so that a truncated file raises here instead of coming out half grey
+    im = ImageOps.exif_transpose(im)  # always a new image: the caller's stays as it was
+    if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grey: convert("RGB") would clip all above 255 to white
+        import numpy as np
+
+        grey = np.asarray(im).clip(0, 65535) / 257
+        im = Image.fromarray(grey.round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))  # transparency becomes white, not black
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def _download(url: str) -> bytes:
+    """The bytes at `url` (at most MAX_DOWNLOAD_BYTES), or a ValueError naming the URL and the reason."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "llava-sd-notebooks (helpers.open_image)"})
+    advice = "Check that it opens in a browser, or download the file and pass its path."
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"Cannot download image {url!r}: HTTP {e.code} {e.reason}. {advice}") from None
+    except (OSError, http.client.HTTPException) as e:  # URLError, refused, timed out, connection dropped
+        raise ValueError(f"Cannot download image {url!r}: {getattr(e, 'reason', e)}. {advice}") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"Image {url!r} is larger than {MAX_DOWNLOAD_BYTES // 1_000_000} MB. Download it, shrink "
+                         "it, and pass the smaller file's path.")
+    return data
+
+
+def list_images(folder, recursive: bool = True) -> list[Path]:
+    """The image files in `folder` (and its subfolders if `recursive`), sorted, skipping hidden files and folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"Cannot list images in {str(folder)!r}: it {problem}. Pass the folder that holds the images.")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        found += [Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 def save_image(image, folder, parameters: str | None = None, label: str = "") -> Path:

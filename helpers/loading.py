@@ -3,7 +3,7 @@
 The name goes through the registry (so SMOKE MODE swaps in the tiny models) and the dtype follows the runtime's
 policy (fp16 on a T4, bf16 from Ampere on, fp32 on CPU). Only safetensors weights are loaded; remote code never runs.
 """
-from . import registry, runtime
+from . import memory, registry, runtime
 
 SD_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
                 "inpaint": "AutoPipelineForInpainting"}
@@ -46,12 +46,13 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
 
 
 def choose_quantization(resolved, profile: runtime.Profile) -> str:
-    """"none" where the half-precision weights fit in VRAM with room for activations, else "4bit" (nf4); always
-    "none" on CPU and for the tiny models. (helpers.memory will refine this with real activation estimates.)"""
+    """"none" where the 16-bit weights fit in VRAM with headroom, else "4bit" (nf4: on a T4 that is every LLaVA;
+    bitsandbytes' 8-bit is slower than nf4, so it is never the automatic choice). Always "none" on CPU and for the
+    tiny models."""
     if profile.device != "cuda" or resolved.tiny or resolved.spec is None:
         return "none"
-    half_gb = resolved.spec.params_b * 2 * 1e9 / runtime.GB
-    return "none" if half_gb * 1.2 < profile.vram_gb else "4bit"
+    need = memory.weights_gib(resolved.spec.params_b, profile.dtype_name) + memory.ACTIVATION_HEADROOM_GIB
+    return "none" if need <= profile.vram_gb else "4bit"
 
 
 def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", profile: runtime.Profile | None = None):
@@ -69,6 +70,9 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
     dtype = runtime.pick_dtype(profile)
     if quantization == "auto":
         quantization = choose_quantization(resolved, profile)
+    if resolved.spec is not None and not resolved.tiny:  # say it before a 15 GB download, not after
+        memory.check_fits(resolved.spec.name, resolved.spec.params_b,
+                          profile.dtype_name if quantization == "none" else quantization, profile)
     kwargs = {"dtype": dtype, "revision": resolved.revision, "use_safetensors": True}
     if profile.device == "cuda":
         kwargs["device_map"] = {"": 0}

@@ -17,6 +17,8 @@ COLAB_LOCAL_ROOT = Path("/content") / f"{PROJECT}-data"   # when Drive cannot be
 
 _root: Path | None = None              # set by mount_drive()
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"   # the sample files that ship with the project
+
 
 @dataclass(frozen=True)
 class ProjectPaths:

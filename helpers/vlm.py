@@ -1,20 +1,259 @@
-"""LLaVA: questions about an image. (Chat sessions, captioning and reasoning build on `ask`.)"""
-from . import smoke
+"""LLaVA conversations: one question about an image, or a chat over several turns and images.
+
+A ChatSession keeps the turns (text and images) and rebuilds the whole prompt each turn with the checkpoint's own chat
+template, so a follow-up question still sees the images of earlier turns. It streams answers, undoes and resets
+turns, counts what each image costs in tokens, refuses (or trims) a conversation that would overflow the model's
+context before the model sees it, and exports its transcript as Markdown and JSON.
+"""
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import images as imaging
+from . import smoke, storage
+
+TRANSCRIPT_FORMAT = "llava-sd-notebooks chat v1"
 
 
-def ask(model, processor, image, question: str, max_new_tokens: int = 128, **generate_kwargs) -> str:
-    """LLaVA's answer to `question` about `image` (a PIL image), greedy unless sampling is asked for. The prompt is
-    built with the checkpoint's own chat template, never by hand."""
-    import torch
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0        # 0: greedy (the same answer every time); above 0: sampling
+    top_p: float = 0.9              # nucleus sampling, used when temperature > 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None         # for reproducible sampling
 
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"`question` must be a non-empty string, not {question!r}.")
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.strip()}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    generate_kwargs.setdefault("do_sample", False)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=smoke.cap("max_new_tokens", max_new_tokens),
-                                **generate_kwargs)
-    return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive integer, not {self.max_new_tokens!r}.")
+        if self.temperature < 0:
+            raise ValueError(f"`temperature` must be 0 (greedy) or more, not {self.temperature!r}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], not {self.top_p!r}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"`repetition_penalty` must be above 0, not {self.repetition_penalty!r}.")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": smoke.cap("max_new_tokens", self.max_new_tokens),
+                  "repetition_penalty": self.repetition_penalty}
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False}
+        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass
+class Turn:
+    role: str                                   # "user" or "assistant"
+    text: str
+    images: list = field(default_factory=list)  # PIL images (user turns only)
+
+
+class _StopFlag:
+    """A stopping criterion that ends generation when set: a stream closed early does not leave generate running."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.event.is_set()
+
+
+class ChatSession:
+    def __init__(self, model, processor, system_prompt: str | None = None,
+                 settings: GenerationSettings | None = None, on_overflow: str = "error"):
+        """on_overflow: "error" (say so and change nothing) or "drop_oldest" (drop the oldest turns, and say so)
+        when a turn would not fit the model's context."""
+        if on_overflow not in ("error", "drop_oldest"):
+            raise ValueError(f"`on_overflow` must be 'error' or 'drop_oldest', not {on_overflow!r}.")
+        self.model, self.processor = model, processor
+        self.system_prompt = system_prompt
+        self.settings = settings or GenerationSettings()
+        self.on_overflow = on_overflow
+        self.turns: list[Turn] = []
+        self._image_tokens: dict[int, tuple] = {}   # id(image) -> (image, tokens); the image is kept so ids stay unique
+
+    # --- what the model sees ---------------------------------------------------------------------------------------
+
+    @property
+    def context_limit(self) -> int:
+        config = self.model.config
+        return getattr(getattr(config, "text_config", config), "max_position_embeddings")
+
+    @property
+    def images(self) -> list:
+        return [im for turn in self.turns for im in turn.images]
+
+    def messages(self, turns=None) -> list[dict]:
+        """The turns in the chat-template format of transformers."""
+        out = []
+        if self.system_prompt:
+            out.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        for turn in self.turns if turns is None else turns:
+            content = [{"type": "image"} for _ in turn.images] + [{"type": "text", "text": turn.text}]
+            out.append({"role": turn.role, "content": content})
+        return out
+
+    def inputs(self, turns=None):
+        """Model inputs for `turns` (default: the session's), with the generation prompt appended."""
+        turns = self.turns if turns is None else turns
+        prompt = self.processor.apply_chat_template(self.messages(turns), add_generation_prompt=True)
+        images = [im for turn in turns for im in turn.images]
+        inputs = self.processor(images=images or None, text=prompt, return_tensors="pt").to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def image_tokens(self, image) -> int:
+        """How many tokens of the prompt `image` takes (LLaVA 1.6 tiles an image: ~2,900 for a large square one)."""
+        if id(image) not in self._image_tokens:
+            ids = self.processor(images=image, text=self.processor.image_token, return_tensors="pt")["input_ids"]
+            self._image_tokens[id(image)] = (image, int((ids == self.model.config.image_token_index).sum()))
+        return self._image_tokens[id(image)][1]
+
+    # --- a turn ------------------------------------------------------------------------------------------------------
+
+    def _prepare(self, text: str, images) -> tuple[list[Turn], Turn]:
+        """The turns to send (after any trimming) and the new user turn; the session itself is not changed."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"The question must be a non-empty string, not {text!r}.")
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        opened = [imaging.open_image(im) for im in images]
+        turn = Turn("user", text.strip(), opened)
+        if not opened and not self.images:
+            raise ValueError("No image yet: LLaVA answers about images. Pass one with this question, e.g. "
+                             "session.send('What is in this picture?', images=['photo.jpg']).")
+        turns = [*self.turns, turn]
+        budget = self.context_limit - self.settings.generate_kwargs()["max_new_tokens"]
+        while True:
+            length = self.inputs(turns)["input_ids"].shape[1]
+            if length <= budget:
+                return turns, turn
+            if self.on_overflow == "error" or len(turns) <= 1:
+                raise ValueError(
+                    f"This turn needs {length} prompt tokens + {self.context_limit - budget} new tokens, more than "
+                    f"the model's context of {self.context_limit} tokens (images take "
+                    f"{', '.join(str(self.image_tokens(im)) for t in turns for im in t.images) or 'none'} tokens). "
+                    "Undo or reset the conversation, use fewer or smaller images, lower max_new_tokens"
+                    + (", or create the session with on_overflow='drop_oldest'." if self.on_overflow == "error"
+                       else "."))
+            dropped = turns[:2] if len(turns) > 2 else turns[:1]
+            turns = turns[len(dropped):]
+            n_images = sum(len(t.images) for t in dropped)
+            print(f"Context full ({length} of {self.context_limit} tokens): dropped the oldest {len(dropped)} "
+                  f"message(s){f' and {n_images} image(s)' if n_images else ''}.")
+
+    def _generate(self, inputs, streamer=None, stop=None):
+        import torch
+        from transformers import StoppingCriteriaList
+
+        kwargs = self.settings.generate_kwargs()
+        if self.settings.seed is not None:
+            torch.manual_seed(self.settings.seed)
+        if stop is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+        with torch.inference_mode():
+            return self.model.generate(**inputs, streamer=streamer, **kwargs)
+
+    def send(self, text: str, images=None) -> str:
+        """Ask `text` (with optional new images: PIL images, paths or URLs) and return the answer."""
+        turns, _ = self._prepare(text, images)
+        inputs = self.inputs(turns)
+        output = self._generate(inputs)
+        answer = self.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        self.turns = [*turns, Turn("assistant", answer)]
+        return answer
+
+    def stream(self, text: str, images=None):
+        """Like send(), but yields the answer in pieces as it is generated. The turn is kept once the answer is
+        complete; closing the stream early stops generation and keeps nothing."""
+        from transformers import TextIteratorStreamer
+
+        turns, _ = self._prepare(text, images)
+        inputs = self.inputs(turns)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
+        stop = _StopFlag()
+        errors = []
+
+        def run():
+            try:
+                self._generate(inputs, streamer=streamer, stop=stop)
+            except BaseException as e:  # reported in the caller's thread, not lost in this one
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        pieces = []
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+        finally:
+            stop.event.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+        self.turns = [*turns, Turn("assistant", "".join(pieces).strip())]
+
+    def undo(self) -> None:
+        """Remove the last question and its answer."""
+        users = [i for i, t in enumerate(self.turns) if t.role == "user"]
+        if not users:
+            raise ValueError("Nothing to undo: the conversation is empty.")
+        self.turns = self.turns[:users[-1]]
+
+    def reset(self) -> None:
+        self.turns = []
+
+    # --- transcripts -------------------------------------------------------------------------------------------------
+
+    def export(self, folder=None) -> tuple[Path, Path]:
+        """Write transcript.md, transcript.json and the images (PNG) into `folder` (default: a new numbered folder in
+        the project's outputs/chats). Returns the paths of the Markdown and the JSON."""
+        folder = Path(folder) if folder else storage.next_free_path(storage.project_paths().outputs / "chats", "")
+        record = {"format": TRANSCRIPT_FORMAT, "model": str(getattr(self.model.config, "_name_or_path", "")),
+                  "system_prompt": self.system_prompt, "settings": asdict(self.settings), "turns": []}
+        markdown = [f"# Chat with {record['model'] or 'LLaVA'}", ""]
+        n = 0
+        for turn in self.turns:
+            names = []
+            for image in turn.images:
+                n += 1
+                names.append(f"images/image-{n:02d}.png")
+                with storage.atomic_open(folder / names[-1]) as f:
+                    image.save(f, format="PNG")
+            record["turns"].append({"role": turn.role, "text": turn.text, "images": names})
+            markdown += [f"**{'You' if turn.role == 'user' else 'LLaVA'}:**", ""]
+            markdown += [f"![image {name}]({name})" for name in names] + ([""] if names else [])
+            markdown += [turn.text, ""]
+        json_path = storage.atomic_write(folder / "transcript.json", json.dumps(record, indent=2, ensure_ascii=False))
+        md_path = storage.atomic_write(folder / "transcript.md", "\n".join(markdown))
+        return md_path, json_path
+
+    @classmethod
+    def load(cls, json_path, model, processor, **kwargs) -> "ChatSession":
+        """A session restored from an exported transcript.json (its images from beside it)."""
+        json_path = Path(json_path)
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+        if record.get("format") != TRANSCRIPT_FORMAT:
+            raise ValueError(f"{str(json_path)!r} is not a chat transcript of this project "
+                             f"(format {record.get('format')!r}, expected {TRANSCRIPT_FORMAT!r}).")
+        session = cls(model, processor, system_prompt=record["system_prompt"],
+                      settings=GenerationSettings(**record["settings"]), **kwargs)
+        session.turns = [Turn(t["role"], t["text"], [imaging.open_image(json_path.parent / name)
+                                                     for name in t["images"]]) for t in record["turns"]]
+        return session
+
+
+def ask(model, processor, image, question: str, max_new_tokens: int = 128, **settings) -> str:
+    """LLaVA's answer to one `question` about `image` (PIL image, path or URL); greedy unless a temperature is
+    given. The prompt is built with the checkpoint's own chat template, never by hand."""
+    if image is None:
+        raise ValueError("`image` is missing: LLaVA answers about an image (a PIL image, a path or a URL).")
+    session = ChatSession(model, processor, settings=GenerationSettings(max_new_tokens=max_new_tokens, **settings))
+    return session.send(question, images=[image])

@@ -44,3 +44,35 @@ def test_hub_is_unreachable_offline_without_cached_weights():
 
     assert cli.hub_reachable(["stable-diffusion-v1-5/stable-diffusion-v1-5", "llava-hf/llava-v1.6-mistral-7b-hf"]) \
         is False
+
+
+def test_caption_cli_writes_captions_and_reports_failures(tmp_path):
+    from helpers import captions
+
+    assert tuple(captions.STYLES) == __import__("helpers.cli").cli.CAPTION_STYLES
+    for i in range(2):
+        Image.new("RGB", (40, 40), (i * 100, 50, 50)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    result = run("caption", str(tmp_path), "--style", "tags", "--trigger", "sks")
+    assert result.returncode == 1  # one image could not be captioned
+    assert "2 caption(s) written, 0 skipped" in result.stdout and "bad.png" in result.stdout
+    assert (tmp_path / "0.txt").read_text().startswith("sks, ")
+    again = run("caption", str(tmp_path))
+    assert "0 caption(s) written, 2 skipped" in again.stdout
+
+
+def test_chat_cli(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "x.png")
+    result = run("chat", str(tmp_path / "x.png"), "What is in this image?", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "SMOKE MODE" in result.stderr
+
+
+def test_chat_cli_bad_input_is_one_clear_line(tmp_path):
+    result = run("chat", str(tmp_path / "missing.png"), "What?")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: No image at")  # before any loading
+    assert "Traceback" not in result.stderr
+    result = run("chat", str(tmp_path / "missing.png"), "  ")
+    assert result.returncode == 2 and "The question must be a non-empty string" in result.stderr
+    result = run("caption", str(tmp_path))
+    assert result.returncode == 2 and "No images in" in result.stderr

@@ -37,9 +37,29 @@ def test_load_llava_full_precision_on_cpu():
 
 def test_load_llava_4bit_path_runs_on_cpu():
     """The tiny LLaVA's hidden sizes are multiples of 64, so bitsandbytes' nf4 path runs on the CPU too."""
-    model, _ = loading.load_llava("llava-1.6-mistral-7b", quantization="4bit")
-    types = {type(m).__name__ for m in model.modules()}
-    assert "Linear4bit" in types
+    from PIL import Image
+
+    from helpers import vlm
+
+    model, processor = loading.load_llava("llava-1.6-mistral-7b", quantization="4bit")
+    assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
+    assert isinstance(vlm.ask(model, processor, Image.new("RGB", (32, 32)), "Hi?", max_new_tokens=2), str)
+
+
+def test_load_llava_8bit_path_runs_on_cpu():
+    from PIL import Image
+
+    from helpers import vlm
+
+    model, processor = loading.load_llava("llava-1.6-vicuna-7b", quantization="8bit")
+    assert "Linear8bitLt" in {type(m).__name__ for m in model.modules()}
+    assert isinstance(vlm.ask(model, processor, Image.new("RGB", (32, 32)), "Hi?", max_new_tokens=2), str)
+
+
+def test_a_choice_that_cannot_fit_is_refused_before_loading(monkeypatch):
+    monkeypatch.setenv("HELPERS_TINY", "0")  # offline: had it tried to load, this would be an OSError
+    with pytest.raises(ValueError, match=r"llava-1.6-mistral-7b in float16 needs about 14.1 GiB.*quantization='4bit'"):
+        loading.load_llava("llava-1.6-mistral-7b", quantization="none", profile=T4)
 
 
 def test_load_llava_refuses_generators_and_bad_quantization():

@@ -1,0 +1,91 @@
+"""The panels, driven headless: set the widgets' values, click, and check they called the plain functions."""
+import datetime
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import loading, vlm, widgets
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return loading.load_llava("llava-1.6-mistral-7b")
+
+
+def png_bytes(w=48, h=40, seed=0):
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("value", [
+    ({"name": "a.png", "type": "image/png", "size": 1, "content": memoryview(png_bytes())},),  # ipywidgets 8
+    {"a.png": {"metadata": {"name": "a.png"}, "content": png_bytes()}},                      # ipywidgets 7 (Colab)
+])
+def test_uploaded_images_in_both_ipywidgets_formats(value):
+    (image,) = widgets.uploaded_images(value)
+    assert image.size == (48, 40)
+
+
+def test_chat_panel_streams_undoes_and_exports(llava, tmp_path, monkeypatch):
+    monkeypatch.setenv("HELPERS_HOME", str(tmp_path))
+    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=3))
+    panel = widgets.ChatPanel(session)
+    panel.upload.value = ({"name": "a.png", "type": "image/png", "size": 1, "content": memoryview(png_bytes()),
+                           "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    panel.question.value = "What is shown in this image?"
+    panel.send_button.click()
+    assert [t.role for t in session.turns] == ["user", "assistant"] and len(session.images) == 1
+    assert panel.question.value == "" and panel.upload.value == ()
+    assert "What is shown in this image?" in panel.history.value and "tokens]" in panel.history.value
+    panel.question.value = "What color is it?"
+    panel.send_button.click()
+    assert len(session.turns) == 4
+    panel.undo_button.click()
+    assert len(session.turns) == 2 and "What color is it?" not in panel.history.value
+    panel.export_button.click()
+    assert "Saved" in panel.status.value and (tmp_path / "outputs" / "chats" / "00000" / "transcript.json").is_file()
+    panel.reset_button.click()
+    assert session.turns == [] and panel.history.value == ""
+
+
+def test_chat_panel_shows_errors_instead_of_raising(llava):
+    panel = widgets.ChatPanel(vlm.ChatSession(*llava))
+    panel.question.value = "What is this?"
+    panel.send_button.click()  # no image yet
+    assert "No image yet" in panel.status.value and panel.session.turns == []
+
+
+def test_caption_panel_captions_and_review_saves_edits(llava, tmp_path):
+    for i in range(2):
+        (tmp_path / f"p{i}.png").write_bytes(png_bytes(seed=i))
+    panel = widgets.CaptionPanel(*llava, folder=str(tmp_path))
+    panel.style.value = "short"
+    panel.trigger.value = "sks"
+    panel.run_button.click()
+    assert "2 caption(s) written" in panel.status.value
+    assert (tmp_path / "p0.txt").read_text().startswith("sks, ")
+    box = panel.review.boxes[tmp_path / "p1.png"]
+    box.value = "a hand-written caption"
+    panel.review.save_button.click()
+    assert (tmp_path / "p1.txt").read_text() == "a hand-written caption\n"
+
+
+def test_caption_panel_reports_a_missing_folder(llava, tmp_path):
+    panel = widgets.CaptionPanel(*llava, folder=str(tmp_path / "nope"))
+    panel.run_button.click()
+    assert "nope" in panel.status.value and "ValueError" in panel.status.value
+
+
+def test_reasoning_panel(llava):
+    image = Image.open(io.BytesIO(png_bytes()))
+    panel = widgets.ReasoningPanel(*llava, image=image)
+    panel.question.value = "Which is bigger?"
+    panel.choices.value = "the circle\nthe square\n"
+    panel.run_button.click()
+    assert "<b>Answer:</b>" in panel.result.value
+    panel.question.value = ""
+    panel.run_button.click()
+    assert "The question must be a non-empty string" in panel.result.value
