@@ -113,8 +113,9 @@ class ChatSession:
 
     # --- a turn ------------------------------------------------------------------------------------------------------
 
-    def _prepare(self, text: str, images) -> tuple[list[Turn], Turn]:
-        """The turns to send (after any trimming) and the new user turn; the session itself is not changed."""
+    def _prepare(self, text: str, images):
+        """(turns, inputs): the turns to send, after any trimming, and their model inputs. The session itself is not
+        changed until the answer is complete."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"The question must be a non-empty string, not {text!r}.")
         if images is None:
@@ -129,9 +130,10 @@ class ChatSession:
         turns = [*self.turns, turn]
         budget = self.context_limit - self.settings.generate_kwargs()["max_new_tokens"]
         while True:
-            length = self.inputs(turns)["input_ids"].shape[1]
+            inputs = self.inputs(turns)
+            length = inputs["input_ids"].shape[1]
             if length <= budget:
-                return turns, turn
+                return turns, inputs
             if self.on_overflow == "error" or len(turns) <= 1:
                 raise ValueError(
                     f"This turn needs {length} prompt tokens + {self.context_limit - budget} new tokens, more than "
@@ -160,8 +162,7 @@ class ChatSession:
 
     def send(self, text: str, images=None) -> str:
         """Ask `text` (with optional new images: PIL images, paths or URLs) and return the answer."""
-        turns, _ = self._prepare(text, images)
-        inputs = self.inputs(turns)
+        turns, inputs = self._prepare(text, images)
         output = self._generate(inputs)
         answer = self.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         self.turns = [*turns, Turn("assistant", answer)]
@@ -172,8 +173,7 @@ class ChatSession:
         complete; closing the stream early stops generation and keeps nothing."""
         from transformers import TextIteratorStreamer
 
-        turns, _ = self._prepare(text, images)
-        inputs = self.inputs(turns)
+        turns, inputs = self._prepare(text, images)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
         stop = _StopFlag()

@@ -1,5 +1,6 @@
 """ipywidgets panels: another way to drive the plain functions of vlm, captions and reasoning. They hold no logic of
 their own, and each runs headless (set the widgets' values, call `.click()`), which is how the tests drive them."""
+import contextlib
 import html
 import io
 from pathlib import Path
@@ -18,7 +19,13 @@ def uploaded_images(value) -> list:
 
 
 def _clear_upload(upload: w.FileUpload) -> None:
-    upload.value = {} if isinstance(upload.value, dict) else ()
+    """Empty the upload box, so the next question does not attach the same files again."""
+    if isinstance(upload.value, dict):  # ipywidgets 7 (Colab): value is read-only; its dict clears in place
+        upload.value.clear()
+        with contextlib.suppress(Exception):
+            upload._counter = 0  # the "(1)" on the button; the known workaround (ipywidgets issue 2653)
+    else:
+        upload.value = ()
 
 
 def _error(e: Exception) -> str:
