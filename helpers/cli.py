@@ -5,6 +5,8 @@
     python -m helpers chat IMAGE "QUESTION"      LLaVA answers a question about an image (streamed)
     python -m helpers caption FOLDER [--style detailed] [--trigger WORD] [--overwrite]
                                                  a kohya-style .txt caption beside every image (resumable)
+    python -m helpers generate "PROMPT" [--negative ...] [--sampler NAME] [--steps N] [--seed S] [--out DIR]
+    python -m helpers inpaint IMAGE MASK "PROMPT" [--strength 0.75] [--only-masked] [--out DIR]
 """
 import argparse
 import importlib.metadata
@@ -209,6 +211,66 @@ def caption(args) -> int:
     return 1 if report.failed else 0
 
 
+# --- Stable Diffusion from the shell -------------------------------------------------------------------------------
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """PATH_OR_ID[:SCALE] -> (source, scale); a Windows drive letter or URL colon is not a scale."""
+    source, _, scale = text.rpartition(":")
+    try:
+        return (source, float(scale)) if source else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def _generate(args, **task) -> int:
+    from . import diffusion, images, loading, lora
+
+    settings = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                    width=args.width, height=args.height, num_images_per_prompt=args.batch_size,
+                    batch_count=args.batch_count, seed=args.seed, sampler=args.sampler, clip_skip=args.clip_skip)
+    # bad input is refused before a model of several GB is loaded
+    diffusion.check_arguments(args.prompt, args.steps, args.cfg, args.width, args.height, args.batch_size,
+                              args.batch_count, args.seed, task.get("strength", 0.75), task.get("image"),
+                              task.get("mask_image"))
+    if "image" in task:
+        task["image"] = images.open_image(task["image"])
+    _smoke_notice()
+    pipe = loading.load_sd(args.model, task="inpaint" if "mask_image" in task else "txt2img")
+    for source, scale in map(_lora_arg, args.lora):
+        lora.load_lora(pipe, source, scale=scale)
+    result = diffusion.generate(pipe, args.prompt, **settings, **task)
+    for path in result.save(args.out):
+        print(path)
+    return 0
+
+
+def generate(args) -> int:
+    return _generate(args, hires_scale=args.hires_scale)
+
+
+def inpaint(args) -> int:
+    return _generate(args, image=args.image, mask_image=args.mask, strength=args.strength, mask_blur=args.mask_blur,
+                     inpaint_area="only_masked" if args.only_masked else "whole", padding=args.padding,
+                     invert_mask=args.invert_mask)
+
+
+def _sd_arguments(p, model: str) -> None:
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'DPM++ 2M Karras' (default: the model's own)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    p.add_argument("--seed", type=int, default=-1, help="-1: random (the seed used is saved in the PNG)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-count", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (file, hub id or Google Drive link) and its scale; repeat for several")
+    p.add_argument("--model", default=model, help="a catalogue name, hub id or local folder")
+    p.add_argument("--out", help="output folder (default: the project's outputs/<task>)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,10 +300,26 @@ def main(argv=None) -> int:
             p.add_argument("--max-chars", type=int, help="cut captions at the last whole sentence that fits")
         p.add_argument("--model", default=DEMO_LLAVA, help="a catalogue name, hub id or local folder")
         p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto")
+    p = sub.add_parser("generate", help="txt2img with A1111 controls; PNGs carry their parameters")
+    p.add_argument("prompt")
+    p.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: upscale by this, then img2img")
+    _sd_arguments(p, "sd15")
+    p = sub.add_parser("inpaint", help="repaint the white area of MASK in IMAGE")
+    p.add_argument("image")
+    p.add_argument("mask", help="white = repaint, black = keep")
+    p.add_argument("prompt")
+    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--mask-blur", type=float, default=4)
+    p.add_argument("--invert-mask", action="store_true")
+    p.add_argument("--only-masked", action="store_true", help="paint the masked area (plus --padding) at full size")
+    p.add_argument("--padding", type=int, default=32)
+    _sd_arguments(p, "sd15-inpaint")
     args = parser.parse_args(argv)
     runtime.quiet_logging()
     try:
-        return {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to do, no traceback
+        commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
+                    "inpaint": inpaint}
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message says what to do, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Opening and saving images: orientation and mode normalised on the way in, parameters kept on the way out."""
 import os
+import re
 from pathlib import Path
 
 from . import storage
@@ -129,9 +130,50 @@ def save_image(image, folder, parameters: str | None = None, label: str = "") ->
 
 def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:
     """The A1111 "parameters" text: the prompt, a "Negative prompt:" line, then "Key: value" pairs, e.g.
-    parameters_text("a cat", "blurry", Steps=25, Sampler="PNDM", CFG_scale=7, Seed=1, Size="512x512")."""
+    parameters_text("a cat", "blurry", Steps=25, Sampler="Euler a", CFG_scale=7, Seed=1, Size="512x512").
+    Underscores in keys become spaces; a value with a comma or a quote is quoted, as A1111 does."""
+    import json
+
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in settings.items()))
+    pairs = []
+    for key, value in settings.items():
+        text = str(value)
+        if any(c in text for c in ',"\n'):
+            text = json.dumps(text)
+        pairs.append(f"{key.replace('_', ' ')}: {text}")
+    lines.append(", ".join(pairs))
     return "\n".join(lines)
+
+
+_PAIR = re.compile(r'\s*([\w ./+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def read_parameters(source) -> dict:
+    """The A1111 parameters of a PNG (path or PIL image) as a dict: "prompt", "negative_prompt" and each setting by its
+    A1111 name ("Steps", "Sampler", "CFG scale", "Seed", "Size", ...), values as text. Raises ValueError if the image
+    carries none."""
+    import json
+
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        text = source.info.get("parameters")
+    else:
+        with Image.open(source) as im:
+            text = im.info.get("parameters")
+    if not text:
+        raise ValueError(f"{getattr(source, 'filename', None) or str(source)!r} carries no A1111 parameters (the PNG "
+                         "'parameters' text): only PNGs saved by this project, A1111 or compatible tools do.")
+    lines = text.strip().split("\n")
+    settings = {}
+    if len(_PAIR.findall(lines[-1])) >= 3:  # the last line holds the settings
+        for key, value in _PAIR.findall(lines.pop()):
+            settings[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    prompt, negative, into_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            into_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if into_negative else prompt).append(line)
+    return {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip(), **settings}

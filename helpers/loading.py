@@ -14,7 +14,7 @@ def _load_error(resolved, error: Exception) -> OSError:
     spec = resolved.spec
     gated = (f" {spec.name} is gated: accept its licence on its hub page, then add your token as the Colab secret "
              "HF_TOKEN (key icon on the left) or set the HF_TOKEN environment variable.") if spec and spec.gated else ""
-    return OSError(f"Could not load {resolved.source!r}: {error}.{gated} Without network access, run with "
+    return OSError(f"Could not load {resolved.source!r}: {str(error).rstrip('.')}.{gated} Without network access, run with "
                    "HELPERS_TINY=1 to use the tiny offline models; `python -m helpers doctor` checks the rest.")
 
 
@@ -42,6 +42,7 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
         pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(resolved.source, **kwargs)
     except OSError as e:
         raise _load_error(resolved, e) from e
+    pipe._helpers_model_name = name  # what the PNG parameters call it
     return pipe.to(profile.device)
 
 

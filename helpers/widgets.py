@@ -178,3 +178,159 @@ class ReasoningPanel(w.VBox):
             self.result.value = (f"<ol>{steps}</ol><p><b>Answer:</b> {html.escape(result.answer)}{chosen}</p>")
         except (ValueError, OSError) as e:
             self.result.value = _error(e)
+
+
+def _png(image, size: int = 256) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class GeneratePanel(w.VBox):
+    """Prompt, negative, sampler, steps, CFG, seed, size, batch, LoRAs, and a gallery; Generate calls
+    diffusion.generate and saves every image (with its parameters) unless told not to."""
+
+    def __init__(self, pipe, model_name: str | None = None, save: bool = True):
+        from . import samplers
+
+        self.pipe, self.model_name, self.result = pipe, model_name, None
+        self.prompt = w.Textarea(placeholder="prompt, (word:1.2) weighting works", layout=w.Layout(width="100%"))
+        self.negative = w.Textarea(placeholder="negative prompt", layout=w.Layout(width="100%"))
+        self.sampler = w.Dropdown(options=list(samplers.SAMPLERS), value=samplers.sampler_name(pipe)
+                                  if samplers.sampler_name(pipe) in samplers.SAMPLERS else "Euler a",
+                                  description="Sampler")
+        self.steps = w.IntSlider(value=25, min=1, max=100, description="Steps")
+        self.cfg = w.FloatSlider(value=7.0, min=0, max=20, step=0.5, description="CFG scale")
+        self.seed = w.IntText(value=-1, description="Seed (-1: random)")
+        self.width = w.IntSlider(value=512, min=256, max=1536, step=64, description="Width")
+        self.height = w.IntSlider(value=512, min=256, max=1536, step=64, description="Height")
+        self.batch_size = w.IntSlider(value=1, min=1, max=8, description="Batch size")
+        self.batch_count = w.IntSlider(value=1, min=1, max=16, description="Batch count")
+        self.lora_source = w.Text(placeholder="LoRA: file, hub id or Drive link", layout=w.Layout(width="60%"))
+        self.lora_scale = w.FloatSlider(value=0.8, min=-1, max=2, step=0.05, description="scale")
+        self.add_lora_button = w.Button(description="Add LoRA")
+        self.save = w.Checkbox(value=save, description="Save to Drive")
+        self.generate_button = w.Button(description="Generate", button_style="primary")
+        self.gallery = w.HBox(layout=w.Layout(flex_flow="row wrap"))
+        self.status = w.HTML()
+        self.add_lora_button.on_click(lambda _: self.add_lora())
+        self.generate_button.on_click(lambda _: self.generate())
+        super().__init__([self.prompt, self.negative, w.HBox([self.sampler, self.steps, self.cfg]),
+                          w.HBox([self.width, self.height, self.seed]), w.HBox([self.batch_size, self.batch_count]),
+                          w.HBox([self.lora_source, self.lora_scale, self.add_lora_button]),
+                          w.HBox([self.generate_button, self.save]), self.status, self.gallery])
+
+    def add_lora(self) -> None:
+        from . import lora
+
+        try:
+            name = lora.load_lora(self.pipe, self.lora_source.value, scale=self.lora_scale.value)
+            loaded = ", ".join(f"{n} ({s:g})" for n, s in lora.active_loras(self.pipe).items())
+            self.status.value = f"<p>Loaded LoRA {html.escape(name)}. Active: {html.escape(loaded)}</p>"
+        except (ValueError, OSError) as e:
+            self.status.value = _error(e)
+
+    def generate(self) -> None:
+        from . import diffusion
+
+        try:
+            self.result = diffusion.generate(
+                self.pipe, self.prompt.value, negative_prompt=self.negative.value, sampler=self.sampler.value,
+                num_inference_steps=self.steps.value, guidance_scale=self.cfg.value, seed=self.seed.value,
+                width=self.width.value, height=self.height.value, num_images_per_prompt=self.batch_size.value,
+                batch_count=self.batch_count.value, model_name=self.model_name)
+        except (ValueError, OSError, FloatingPointError) as e:
+            self.status.value = _error(e)
+            return
+        self.gallery.children = [w.Image(value=_png(im), format="png") for im in self.result.images]
+        seeds = ", ".join(map(str, self.result.seeds))
+        saved = f"; saved {len(self.result.save())} PNG(s) with their parameters" if self.save.value else ""
+        self.status.value = f"<p>seeds {seeds}{saved}</p>"
+
+
+class InpaintPanel(w.VBox):
+    """An image and a mask (uploaded, or a shape from sliders), a live preview of the area to repaint, and Inpaint,
+    which calls diffusion.generate with the mask and saves the result."""
+
+    def __init__(self, pipe, image=None, model_name: str | None = None):
+        from . import masks
+
+        self.pipe, self.image, self.model_name, self.result = pipe, image, model_name, None
+        self.uploaded_mask = None
+        self.image_upload = w.FileUpload(accept="image/*", multiple=False, description="Image")
+        self.mask_upload = w.FileUpload(accept="image/*", multiple=False, description="Mask")
+        self.shape = w.Dropdown(options=list(masks.SHAPES), value="ellipse", description="Shape")
+        self.x, self.y = (w.FloatSlider(value=v, min=0, max=1, step=0.01, description=d)
+                          for v, d in ((0.3, "x"), (0.3, "y")))
+        self.mask_width, self.mask_height = (w.FloatSlider(value=0.4, min=0, max=1, step=0.01, description=d)
+                                             for d in ("width", "height"))
+        self.invert = w.Checkbox(description="Invert mask")
+        self.blur = w.IntSlider(value=4, min=0, max=64, description="Mask blur")
+        self.only_masked = w.Checkbox(description="Only masked (with padding)")
+        self.padding = w.IntSlider(value=32, min=0, max=256, step=8, description="Padding")
+        self.prompt = w.Textarea(placeholder="what to paint in the masked area", layout=w.Layout(width="100%"))
+        self.strength = w.FloatSlider(value=1.0, min=0.05, max=1, step=0.05, description="Strength")
+        self.seed = w.IntText(value=-1, description="Seed")
+        self.preview = w.Image(format="png")
+        self.inpaint_button = w.Button(description="Inpaint", button_style="primary")
+        self.gallery = w.HBox()
+        self.status = w.HTML()
+        for control in (self.shape, self.x, self.y, self.mask_width, self.mask_height, self.invert):
+            control.observe(lambda _: self.update_preview(), names="value")
+        self.image_upload.observe(lambda _: self._take_uploads(), names="value")
+        self.mask_upload.observe(lambda _: self._take_uploads(), names="value")
+        self.inpaint_button.on_click(lambda _: self.inpaint())
+        super().__init__([w.HBox([self.image_upload, self.mask_upload]), w.HBox([self.shape, self.invert]),
+                          w.HBox([self.x, self.y]), w.HBox([self.mask_width, self.mask_height]),
+                          w.HBox([self.blur, self.only_masked, self.padding]), self.preview, self.prompt,
+                          w.HBox([self.strength, self.seed, self.inpaint_button]), self.status, self.gallery])
+        self.update_preview()
+
+    def _take_uploads(self) -> None:
+        uploaded = uploaded_images(self.image_upload.value)
+        if uploaded:
+            self.image = uploaded[0].convert("RGB")
+        masks_up = uploaded_images(self.mask_upload.value)
+        self.uploaded_mask = masks_up[0] if masks_up else None
+        self.update_preview()
+
+    def mask(self):
+        """The mask as the controls say now."""
+        from . import masks
+
+        if self.uploaded_mask is not None:
+            mask = masks.load_mask(self.uploaded_mask, size=self.image.size)
+        else:
+            mask = masks.shape_mask(self.image.size, self.shape.value, self.x.value, self.y.value,
+                                    self.mask_width.value, self.mask_height.value)
+        return masks.invert(mask) if self.invert.value else mask
+
+    def update_preview(self) -> None:
+        from . import masks
+
+        if self.image is None:
+            return
+        try:
+            self.preview.value = _png(masks.preview(self.image, self.mask()), 384)
+            self.status.value = ""
+        except ValueError as e:
+            self.status.value = _error(e)
+
+    def inpaint(self) -> None:
+        from . import diffusion
+
+        if self.image is None:
+            self.status.value = _error(ValueError("Upload an image first."))
+            return
+        try:
+            self.result = diffusion.generate(
+                self.pipe, self.prompt.value, image=self.image, mask_image=self.mask(), strength=self.strength.value,
+                mask_blur=self.blur.value, inpaint_area="only_masked" if self.only_masked.value else "whole",
+                padding=self.padding.value, seed=self.seed.value, model_name=self.model_name)
+        except (ValueError, OSError, FloatingPointError) as e:
+            self.status.value = _error(e)
+            return
+        self.gallery.children = [w.Image(value=_png(im), format="png") for im in self.result.images]
+        self.status.value = f"<p>seed {self.result.seeds[0]}; saved {html.escape(str(self.result.save()[0]))}</p>"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
@@ -76,3 +77,36 @@ def test_chat_cli_bad_input_is_one_clear_line(tmp_path):
     assert result.returncode == 2 and "The question must be a non-empty string" in result.stderr
     result = run("caption", str(tmp_path))
     assert result.returncode == 2 and "No images in" in result.stderr
+
+
+def test_generate_cli(tmp_path):
+    result = run("generate", "a photo of a cat", "--seed", "3", "--steps", "2", "--sampler", "DPM++ 2M Karras",
+                 "--batch-size", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.split()]
+    assert [p.name for p in paths] == ["00000-3.png", "00001-4.png"]
+    with Image.open(paths[1]) as im:
+        assert "Seed: 4" in im.text["parameters"] and "Sampler: DPM++ 2M Karras" in im.text["parameters"]
+
+
+def test_inpaint_cli(tmp_path):
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(tmp_path / "photo.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    result = run("inpaint", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), "a red car", "--seed", "1",
+                 "--steps", "2", "--only-masked", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    with Image.open(result.stdout.split()[0]) as im:
+        assert im.size == (64, 64) and im.getpixel((2, 2)) == (200, 100, 50)  # unmasked: untouched
+        assert "Inpaint area: Only masked" in im.text["parameters"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "a cat", "--width", "500"], "`width` has to be a multiple of 8 but is 500: use 504"),
+    (["generate", "a cat", "--sampler", "Eular a"], "Euler a"),
+    (["generate", "a cat", "--lora", "style.ckpt:0.5"], "No LoRA at 'style.ckpt'"),
+])
+def test_generate_cli_bad_input(args, message, tmp_path):
+    result = run(*args, "--out", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,151 @@
+"""LoRAs and textual-inversion embeddings: fetched from a path, a hub id or a public Google Drive link, checked
+(safetensors only, unless pickles are explicitly allowed; made for this base model), and applied with a scale.
+
+The pipeline remembers its LoRAs and their scales (`active_loras`), so that the PNG parameters can name them.
+"""
+import re
+from pathlib import Path
+
+from . import storage
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# Cross-attention width of the UNet -> the base model family that has it.
+CROSS_ATTENTION_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+_DRIVE_ID = re.compile(r"(?:/file/d/|[?&]id=)([\w-]{10,})")
+
+
+def _pickle_refusal(path) -> ValueError:
+    return ValueError(f"{str(path)!r} is a pickle file ({Path(path).suffix}): loading one can run any code its "
+                      "author put in it. Use the .safetensors version of this LoRA, or pass allow_pickle=True if you "
+                      "trust where it came from.")
+
+
+def fetch(source: str, allow_pickle: bool = False, folder=None) -> Path:
+    """A local path to the LoRA/embedding `source`: a local file or folder, a hub id ("owner/name" or
+    "owner/name/file.safetensors"), or a public Google Drive link (downloaded into the project's models/loras)."""
+    source = str(source).strip()
+    path = Path(source).expanduser()
+    if path.exists():
+        local = path
+    elif source.startswith(("http://", "https://")):
+        match = _DRIVE_ID.search(source)
+        if "drive.google.com" not in source or not match:
+            raise ValueError(f"{source!r} is not a Google Drive file link: pass a local path, a hub id, or a link "
+                             "like https://drive.google.com/file/d/FILE_ID/view (shared as 'anyone with the link').")
+        import gdown
+
+        target = Path(folder) if folder else storage.project_paths().models / "loras"
+        target.mkdir(parents=True, exist_ok=True)
+        downloaded = gdown.download(id=match.group(1), output=str(target) + "/", quiet=True)
+        if not downloaded:
+            raise ValueError(f"Google Drive did not hand over {source!r}: share it as 'anyone with the link', or "
+                             "download it and pass its path.")
+        local = Path(downloaded)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(/.+)?", source):
+        from huggingface_hub import hf_hub_download, list_repo_files
+
+        parts = source.split("/")
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        if filename.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+            raise _pickle_refusal(source)
+        try:
+            if not filename:
+                files = [f for f in list_repo_files(repo_id) if f.endswith(".safetensors")]
+                if len(files) != 1:
+                    raise ValueError(f"{repo_id!r} holds {len(files)} .safetensors files ({', '.join(files[:5])}): "
+                                     f"name one, e.g. '{repo_id}/{files[0] if files else 'lora.safetensors'}'.")
+                filename = files[0]
+            local = Path(hf_hub_download(repo_id, filename))
+        except OSError as e:  # not on the hub either (or no network)
+            raise FileNotFoundError(f"No LoRA at {source!r}: not a local file, and the hub answered: {e}") from e
+    else:
+        raise FileNotFoundError(f"No LoRA at {source!r}: pass a file path, a hub id ('owner/name') or a public "
+                                "Google Drive link.")
+    if local.is_file() and local.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise _pickle_refusal(local)
+    if local.is_file() and local.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
+        raise ValueError(f"{str(local)!r} is neither a .safetensors file nor a known checkpoint format.")
+    return local
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"No .safetensors file in {str(path)!r}.")
+    return files[0]
+
+
+def cross_attention_width(path: Path) -> int | None:
+    """The cross-attention width a LoRA was trained for, read from the shapes of its attn2 key/value weights (the
+    tensors themselves are not loaded). None for a LoRA that does not touch cross-attention."""
+    from safetensors import safe_open
+
+    with safe_open(str(_weights_file(path)), framework="pt") as f:
+        for key in f.keys():
+            if ("attn2" in key and ("to_k" in key or "to_v" in key) and any(t in key for t in ("lora_A", "lora_down", "lora.down"))
+                    and key.endswith("weight")):
+                return int(f.get_slice(key).get_shape()[1])
+    return None
+
+
+def check_base(pipe, path: Path) -> None:
+    """Raise ValueError where a LoRA was made for another base model than `pipe`'s (say which)."""
+    expected = pipe.unet.config.cross_attention_dim if hasattr(pipe, "unet") else None
+    found = cross_attention_width(path)
+    if expected is None or found is None or found == expected:
+        return
+    made_for = CROSS_ATTENTION_FAMILIES.get(found, f"a model with cross-attention width {found}")
+    this = CROSS_ATTENTION_FAMILIES.get(expected, f"a model with cross-attention width {expected}")
+    raise ValueError(f"{str(path)!r} is a LoRA for {made_for}, but this pipeline ({type(pipe).__name__}) is {this}: "
+                     "use a LoRA made for this base model, or load the model it was made for.")
+
+
+def active_loras(pipe) -> dict[str, float]:
+    """The LoRAs loaded into `pipe`, with their scales."""
+    return dict(getattr(pipe, "_helpers_loras", {}))
+
+
+def load_lora(pipe, source: str, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False) -> str:
+    """Load a LoRA into `pipe` (alongside any loaded before) at `scale`; returns its adapter name."""
+    if not -4 <= scale <= 4:
+        raise ValueError(f"LoRA `scale` must be between -4 and 4, not {scale!r} (1.0 is the trained strength).")
+    path = fetch(source, allow_pickle=allow_pickle)
+    if path.is_dir() or path.suffix.lower() == ".safetensors":  # an allowed pickle cannot be inspected safely
+        check_base(pipe, path)
+    name = name or re.sub(r"\W+", "_", (path.stem if path.is_file() else path.name)).strip("_") or "lora"
+    loras = active_loras(pipe)
+    if name in loras:
+        raise ValueError(f"A LoRA named {name!r} is loaded already: pass another `name`, or set_lora_scales().")
+    weight_name = path.name if path.is_file() else None
+    pipe.load_lora_weights(str(path.parent if path.is_file() else path), weight_name=weight_name, adapter_name=name)
+    loras[name] = scale
+    pipe._helpers_loras = loras
+    pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    return name
+
+
+def set_lora_scales(pipe, scales: dict[str, float]) -> None:
+    """Change the scales of loaded LoRAs (0 turns one off)."""
+    loras = active_loras(pipe)
+    unknown = set(scales) - set(loras)
+    if unknown:
+        raise ValueError(f"No LoRA named {', '.join(sorted(unknown))} is loaded; loaded: {', '.join(loras) or 'none'}.")
+    loras.update(scales)
+    pipe._helpers_loras = loras
+    pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+
+
+def unload_loras(pipe) -> None:
+    """Remove every LoRA: the pipeline is as loaded."""
+    pipe.unload_lora_weights()
+    pipe._helpers_loras = {}
+
+
+def load_embedding(pipe, source: str, token: str | None = None, allow_pickle: bool = False) -> str:
+    """Load a textual-inversion embedding; use its token (default: the file name in <angle brackets>) in prompts."""
+    path = fetch(source, allow_pickle=allow_pickle)
+    token = token or f"<{path.stem}>"
+    pipe.load_textual_inversion(str(path), token=token)
+    return token
