@@ -31,6 +31,10 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
 
     profile = profile or runtime.detect_profile()
     dtype = dtype or runtime.pick_dtype(profile)
+    placement = profile.device
+    if resolved.spec is not None and not resolved.tiny:  # say it before a download of many GB, not after
+        placement = memory.sd_placement(resolved.spec.name, resolved.spec.params_b, str(dtype).split(".")[-1],
+                                        profile)
     kwargs = {"dtype": dtype, "use_safetensors": True}
     if resolved.revision:
         kwargs["revision"] = resolved.revision
@@ -43,7 +47,14 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
     except OSError as e:
         raise _load_error(resolved, e) from e
     pipe._helpers_model_name = name  # what the PNG parameters call it
-    return pipe.to(profile.device)
+    if placement == "model_offload":
+        print(f"{name} does not fit this GPU whole: each part moves to it while it runs (model CPU offload).")
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(profile.device)
+    if profile.device == "cuda" and profile.vram_gb < 16:
+        pipe.vae.enable_slicing()  # decode a batch one image at a time: the same images, a lower peak
+    return pipe
 
 
 def choose_quantization(resolved, profile: runtime.Profile) -> str:

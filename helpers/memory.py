@@ -32,3 +32,20 @@ def check_fits(model_name: str, params_b: float, precision: str, profile: runtim
     raise ValueError(f"{model_name} in {precision} needs about {weights_gib(params_b, precision):.1f} GiB of weights "
                      f"+ {ACTIVATION_HEADROOM_GIB} GiB of headroom = {need:.1f} GiB, more than the "
                      f"{profile.vram_gb:.1f} GiB of this {profile.gpu_name}: {fix}.")
+
+
+def sd_placement(model_name: str, params_b: float, precision: str, profile: runtime.Profile) -> str:
+    """Where a diffusion pipeline's weights go on `profile`: "gpu" (all on the GPU), "model_offload" (each model moves
+    to the GPU while it runs: slower, but needs VRAM for the largest part only) or "cpu". Raises ValueError, with the
+    figures, where neither the GPU nor system RAM can hold them."""
+    if profile.device != "cuda":
+        return profile.device
+    need = weights_gib(params_b, precision)
+    if need + ACTIVATION_HEADROOM_GIB <= profile.vram_gb:
+        return "gpu"
+    if profile.ram_gb and need + 2 > profile.ram_gb:  # offload keeps every weight in RAM, plus Python and CUDA
+        raise ValueError(f"{model_name} in {precision} needs about {need:.1f} GiB of weights: more than the "
+                         f"{profile.vram_gb:.1f} GiB of this {profile.gpu_name}, and too much to offload to "
+                         f"{profile.ram_gb:.1f} GiB of RAM. Use a smaller model, or a GPU (or RAM) of at least "
+                         f"{need + ACTIVATION_HEADROOM_GIB:.0f} GiB.")
+    return "model_offload"

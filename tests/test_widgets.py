@@ -89,3 +89,67 @@ def test_reasoning_panel(llava):
     panel.question.value = ""
     panel.run_button.click()
     assert "The question must be a non-empty string" in panel.result.value
+
+
+# --- Stable Diffusion panels ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd():
+    pipe = loading.load_sd("sd15")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_generate_panel_generates_saves_and_shows(sd, tmp_path, monkeypatch):
+    from helpers import images
+
+    monkeypatch.setenv("HELPERS_HOME", str(tmp_path))
+    panel = widgets.GeneratePanel(sd, model_name="sd15")
+    panel.prompt.value, panel.negative.value = "a photo of a (cat:1.2)", "blurry"
+    panel.sampler.value, panel.steps.value, panel.seed.value = "DPM++ 2M Karras", 3, 9
+    panel.width.value = panel.height.value = 256  # SMOKE MODE caps it to 64
+    panel.batch_size.value = 2
+    panel.generate_button.click()
+    assert panel.result.seeds == [9, 10] and len(panel.gallery.children) == 2
+    saved = sorted((tmp_path / "outputs" / "txt2img").glob("*.png"))
+    assert [p.name for p in saved] == ["00000-9.png", "00001-10.png"] and "saved 2 PNG(s)" in panel.status.value
+    params = images.read_parameters(saved[0])
+    assert params["prompt"] == "a photo of a (cat:1.2)" and params["Sampler"] == "DPM++ 2M Karras"
+
+
+def test_generate_panel_shows_errors(sd):
+    panel = widgets.GeneratePanel(sd, save=False)
+    panel.generate_button.click()  # empty prompt
+    assert "`prompt` must be a non-empty string" in panel.status.value
+    panel.lora_source.value = "no/such.safetensors"
+    panel.add_lora_button.click()
+    assert "No LoRA at" in panel.status.value
+
+
+def test_inpaint_panel_previews_and_inpaints(tmp_path, monkeypatch):
+    monkeypatch.setenv("HELPERS_HOME", str(tmp_path))
+    pipe = loading.load_sd("sd15-inpaint", task="inpaint")
+    pipe.set_progress_bar_config(disable=True)
+    photo = Image.open(io.BytesIO(png_bytes(64, 64))).convert("RGB")
+    panel = widgets.InpaintPanel(pipe, image=photo, model_name="sd15-inpaint")
+    first = panel.preview.value
+    panel.shape.value = "rectangle"
+    panel.x.value = 0.5
+    assert panel.preview.value and panel.preview.value != first  # the preview follows the sliders
+    panel.prompt.value = "a red car"
+    panel.seed.value = 3
+    panel.inpaint_button.click()
+    assert "saved" in panel.status.value and panel.result.images[0].size == (64, 64)
+    mask = np.asarray(panel.mask())
+    assert mask[:, :28].max() == 0 and mask[30:40, 34:56].min() == 255  # x=0.5, width 0.4 of 64 px
+    panel.mask_upload.value = ({"name": "m.png", "type": "image/png", "size": 1,
+                                "content": memoryview(_mask_png()), "last_modified": datetime.datetime.now()},)
+    assert np.asarray(panel.mask()).max() == 0
+    panel.inpaint_button.click()
+    assert "all black" in panel.status.value
+
+
+def _mask_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 0).save(buffer, format="PNG")
+    return buffer.getvalue()
