@@ -46,16 +46,6 @@ def peak_rss_mib():
     return peak / (MIB if sys.platform == "darwin" else 1024)
 
 
-def timed(fn, cuda):
-    import torch
-
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def measure(pipe, sampler, steps, size, repeats, cuda):
     """(generate seconds, bare seconds): the per-run times of each arm, warm-up excluded, runs alternated."""
     import torch
@@ -74,9 +64,12 @@ def measure(pipe, sampler, steps, size, repeats, cuda):
         for name, fn in arms.items():
             if name == "bare":
                 samplers.set_sampler(pipe, sampler)  # the scheduler generate sets, outside the timer
-            seconds = timed(fn, cuda)
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
             if i:
-                times[name].append(seconds)
+                times[name].append(time.perf_counter() - t0)
     return times["generate"], times["bare"]
 
 
@@ -95,8 +88,9 @@ def main(argv=None):
     script = sys.argv[0] if argv is None else "bench/generate.py"
     command = " ".join(filter(None, [env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])]))
     runtime.quiet_logging()
-    import diffusers  # noqa: F401  (imports: not timed)
     import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401  (lazy imports: not timed)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
 
     threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the same, pinned, for both arms

@@ -223,7 +223,7 @@ def _lora_arg(text: str) -> tuple[str, float]:
 
 
 def _generate(args, **task) -> int:
-    from . import diffusion, images, loading, lora
+    from . import diffusion, images, loading, lora, samplers
 
     settings = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
                     width=args.width, height=args.height, num_images_per_prompt=args.batch_size,
@@ -232,6 +232,8 @@ def _generate(args, **task) -> int:
     diffusion.check_arguments(args.prompt, args.steps, args.cfg, args.width, args.height, args.batch_size,
                               args.batch_count, args.seed, task.get("strength", 0.75), task.get("image"),
                               task.get("mask_image"))
+    if args.sampler:
+        samplers.canonical(args.sampler)
     if "image" in task:
         task["image"] = images.open_image(task["image"])
     _smoke_notice()

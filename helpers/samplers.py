@@ -63,7 +63,8 @@ def _key(name: str) -> str:
 _BY_KEY = {_key(n): n for n in SAMPLERS}
 
 
-def _canonical(name: str) -> str:
+def canonical(name: str) -> str:
+    """The table's spelling of sampler `name` (case and spacing forgiven); ValueError listing the known ones."""
     if name in SAMPLERS:
         return name
     if _key(name) in _BY_KEY:
@@ -92,7 +93,7 @@ def set_sampler(pipe, name: str) -> str:
     karras"), keeping the model's own training config; returns the sampler's name as the table spells it."""
     import diffusers
 
-    name = _canonical(name)
+    name = canonical(name)
     base = _base_config(pipe)
     if _is_flow(base["_class_name"]):
         if name != "Euler":
