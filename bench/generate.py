@@ -10,11 +10,8 @@ Torch runs on the same, pinned, thread count for both arms. In SMOKE MODE steps 
 """
 import argparse
 import gc
-import importlib.metadata
 import json
 import os
-import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -22,6 +19,7 @@ import time
 from pathlib import Path
 
 import helpers
+from helpers.bench import machine, peak_rss_mib, versions
 from helpers import runtime, samplers, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +30,6 @@ HEADER = "| model | sampler | steps | size | load s | generate s/img | generate 
          "overhead ms | overhead % | noise ms | peak RSS MiB | peak CUDA MiB |"
 MIB = 2**20
 
-
-def version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-def peak_rss_mib():
-    """The process's peak resident memory so far (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (MIB if sys.platform == "darwin" else 1024)
 
 
 def measure(pipe, sampler, steps, size, repeats, cuda):
@@ -89,8 +75,9 @@ def main(argv=None):
     command = " ".join(filter(None, [env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])]))
     runtime.quiet_logging()
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401  (lazy imports: not timed)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+    # diffusers and transformers import their modules lazily, on first use: do it here, not in the timed load
+    from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
     threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the same, pinned, for both arms
@@ -132,9 +119,8 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores (torch threads pinned at {threads}), "
-               f"RAM {profile.ram_gb:.1f} GB, {runtime.describe(profile).split(' | ')[1]}")
-    versions = {d: version(d) for d in ("torch", "diffusers", "transformers", "accelerate")}
+    machine_line = machine(f"torch threads pinned at {threads}")
+    library_versions = versions("torch", "diffusers", "transformers", "accelerate")
     capped = (f" SMOKE MODE caps the work at {smoke.LIMITS['steps']} steps and {smoke.LIMITS['size']} px (asked: "
               f"{args.steps} steps, {', '.join(f'{s} px' for s in args.sizes)}); the table shows what ran."
               if smoke.is_tiny() else "")
@@ -149,7 +135,7 @@ def main(argv=None):
         "",
         *([f"**{TINY_SENTENCE}.**", ""] if smoke.is_tiny() else []),
         f"Command: `{command}`.",
-        f"Machine: {machine}; " + ", ".join(f"{d} {v}" for d, v in versions.items()) + ".",
+        f"Machine: {machine_line}; " + ", ".join(f"{d} {v}" for d, v in library_versions.items()) + ".",
         f"Work: \"{PROMPT}\", CFG {CFG}, seed {SEED}, one image a run. Each model loaded once (load s); each arm "
         f"warmed up once, then {args.repeats} timed runs alternating generate and bare; s/img are medians, it/s = "
         f"steps / s. Overhead = generate - bare (medians); noise = the larger standard deviation of the two arms' "

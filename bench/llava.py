@@ -9,11 +9,8 @@ TextIteratorStreamer with model.generate in a thread; the medians are reported. 
 peak RSS of a process never goes down) and `--append` the next run's row to the same file.
 """
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -22,6 +19,7 @@ import time
 from pathlib import Path
 
 import helpers
+from helpers.bench import machine, peak_rss_mib, versions
 from helpers import loading, runtime, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,17 +31,6 @@ HEADER = "| model | quantization | new tokens | prompt tokens | load s | first t
 MIB = 2**20
 
 
-def version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-def peak_rss_mib():
-    """The process's peak resident memory so far (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (MIB if sys.platform == "darwin" else 1024)
 
 
 def generate_once(model, processor, image, new_tokens):
@@ -104,7 +91,6 @@ def main(argv=None):
     runtime.quiet_logging()
     import psutil
     import torch
-    import transformers
     from PIL import Image
 
     profile = runtime.detect_profile()
@@ -128,15 +114,14 @@ def main(argv=None):
     runs = [generate_once(model, processor, image, new_tokens) for _ in range(args.repeats)]
     ttft, tps = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     peak_cuda = torch.cuda.max_memory_allocated() / MIB if cuda else None
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, RAM {profile.ram_gb:.1f} GB, "
-               f"{runtime.describe(profile).split(' | ')[1]}")
-    versions = {d: version(d) for d in ("torch", "transformers", "accelerate", "bitsandbytes")}
+    machine_line = machine()
+    library_versions = versions("torch", "transformers", "accelerate", "bitsandbytes")
     record = {"model": args.model, "quantization": quantization, "tiny": smoke.is_tiny(), "new_tokens": new_tokens,
               "asked_new_tokens": args.new_tokens, "prompt_tokens": runs[0][2], "repeats": args.repeats,
               "load_s": round(t_load, 3), "first_token_s": round(ttft, 4), "decode_tok_s": round(tps, 1),
               "rss_after_load_mib": round(rss_load), "peak_rss_mib": round(peak_rss_mib()),
               "peak_cuda_mib": None if peak_cuda is None else round(peak_cuda), "command": command,
-              "machine": machine, "versions": versions}
+              "machine": machine_line, "versions": library_versions}
     row = (f"| {args.model} | {quantization} | {new_tokens} | {runs[0][2]} | {t_load:.2f} | {ttft:.3f} | {tps:.1f} | "
            f"{rss_load:.0f} | {peak_rss_mib():.0f} | {'-' if peak_cuda is None else f'{peak_cuda:.0f}'} |")
     capped = (f" SMOKE MODE caps the work at {smoke.LIMITS['max_new_tokens']} new tokens "
@@ -153,7 +138,7 @@ def main(argv=None):
             "# LLaVA 1.6: load, first token, decode speed, peak memory",
             "",
             *([f"**{TINY_SENTENCE}.**", ""] if smoke.is_tiny() else []),
-            f"Machine: {machine}; " + ", ".join(f"{d} {v}" for d, v in versions.items()) + ".",
+            f"Machine: {machine_line}; " + ", ".join(f"{d} {v}" for d, v in library_versions.items()) + ".",
             f"Work: `{IMAGE.relative_to(ROOT)}` and \"{QUESTION}\", greedy, exactly the new tokens shown "
             f"(min_new_tokens = max_new_tokens); the model loaded once (load s); first token s (image processing "
             f"included) and decode tok/s are medians of {args.repeats} runs after one warm-up.{capped} "

@@ -31,7 +31,6 @@ def main():
     runtime.quiet_logging()
     (torch, diffusers, transformers), t_import = timed(
         lambda: (__import__("torch"), __import__("diffusers"), __import__("transformers")))
-    import torch
     from PIL import Image
 
     rows = []
