@@ -147,16 +147,17 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
     txt2img without `image`; img2img with `image` (and `strength`); inpainting with `image` and `mask_image` (white
     repaints; `mask_blur` px of feathering; `inpaint_area` "whole" or "only_masked" (A1111's "only masked": the
     masked area plus `padding` px is cut out, painted at width x height, and put back); `keep_unmasked` pastes every
-    unmasked pixel back exactly as it was). `clip_skip` counts as in A1111 (1: the last CLIP layer, 2: the one before). `hires_scale` > 1 adds
-    A1111's hires fix: upscale, then img2img at `hires_strength`. In SMOKE MODE steps, size and counts are capped.
+    unmasked pixel back exactly as it was). `clip_skip` counts as in A1111 (1: the last CLIP layer, 2: the one
+    before). `hires_scale` > 1 adds A1111's hires fix: upscale, then img2img at `hires_strength`. In SMOKE MODE
+    steps, size and counts are capped.
     """
     import numpy as np
     import torch
 
-    from . import prompts, samplers
+    from . import samplers
 
-    check_arguments(prompt, num_inference_steps, guidance_scale, width, height, num_images_per_prompt, batch_count, seed,
-           strength, image, mask_image)
+    check_arguments(prompt, num_inference_steps, guidance_scale, width, height, num_images_per_prompt, batch_count,
+                    seed, strength, image, mask_image)
     if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
         raise ValueError(f"`clip_skip` must be an integer from 1 (no skip) to 12, not {clip_skip!r}.")
     if inpaint_area not in ("whole", "only_masked"):
@@ -190,22 +191,8 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
     seed = secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(total)]
 
-    call = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "width": width, "height": height}
-    if family in ("sd15", "sdxl") and any(prompts.has_weighting(p) or _too_long(work, p)
-                                          for p in (prompt, negative_prompt)):
-        call.update(prompts.encode(work, prompt, negative_prompt, clip_skip=clip_skip))
-    else:
-        call["prompt"] = prompt
-        if negative_prompt and family != "flux":  # FLUX is guidance-distilled: it has no negative prompt
-            call["negative_prompt"] = negative_prompt
-        if clip_skip > 1:
-            if family not in ("sd15", "sdxl", "sd3"):
-                raise ValueError(f"`clip_skip` is for CLIP-conditioned models; {type(work).__name__} does not take it.")
-            if family == "sd15":
-                call.update(_clip_skip_embeddings(work, call.pop("prompt"), call.pop("negative_prompt", ""),
-                                                  clip_skip))
-            else:
-                call["clip_skip"] = clip_skip - 1  # diffusers counts the layers skipped: A1111's 2 is diffusers' 1
+    call = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "width": width, "height": height,
+            **_prompt_kwargs(work, family, prompt, negative_prompt, clip_skip)}
     if task == "img2img":
         call.update(image=image.resize((width, height)), strength=strength)
         del call["width"], call["height"]
@@ -241,11 +228,33 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
         settings["Lora"] = " ".join(f"{name}:{scale:g}" for name, scale in loras.items())
     if hires_scale > 1:
         images = _hires_fix(work, call, images, seeds, hires_scale, hires_strength, hires_steps or steps, progress)
-        settings.update({"Hires upscale": hires_scale, "Hires steps": hires_steps or steps,
-                         "Denoising strength": hires_strength, "Size": f"{images[0].width}x{images[0].height}"})
+        # as A1111 writes it: Size is the first pass; the upscale and its strength say the rest
+        settings.update({"Denoising strength": hires_strength, "Hires upscale": hires_scale})
+        if hires_steps:
+            settings["Hires steps"] = hires_steps
     texts = [imaging.parameters_text(prompt, negative_prompt, **{k: v for k, v in settings.items() if k != "task"},
                                      Seed=s) for s in seeds]
     return GenerationResult(images=images, seeds=seeds, parameters=texts, settings=settings)
+
+
+def _prompt_kwargs(pipe, family: str, prompt: str, negative_prompt: str, clip_skip: int) -> dict:
+    """The prompt arguments of the pipeline call: embeddings from compel for weighted or long prompts (SD 1.x,
+    SDXL), else the plain prompts, with clip skip."""
+    from . import prompts
+
+    if family in ("sd15", "sdxl") and any(prompts.has_weighting(p) or _too_long(pipe, p)
+                                          for p in (prompt, negative_prompt)):
+        return prompts.encode(pipe, prompt, negative_prompt, clip_skip=clip_skip)
+    if clip_skip > 1 and family not in ("sd15", "sdxl", "sd3"):
+        raise ValueError(f"`clip_skip` is for CLIP-conditioned models; {type(pipe).__name__} does not take it.")
+    if clip_skip > 1 and family == "sd15":
+        return _clip_skip_embeddings(pipe, prompt, negative_prompt, clip_skip)
+    kwargs = {"prompt": prompt}
+    if negative_prompt and family != "flux":  # FLUX is guidance-distilled: it has no negative prompt
+        kwargs["negative_prompt"] = negative_prompt
+    if clip_skip > 1:
+        kwargs["clip_skip"] = clip_skip - 1  # diffusers counts the layers skipped: A1111's 2 is diffusers' 1
+    return kwargs
 
 
 def _prepare_inpaint(image, mask_image, size, mask_blur, invert_mask, inpaint_area, padding) -> dict:
@@ -296,7 +305,8 @@ def settings_from_parameters(parameters: dict) -> dict:
     kwargs = {"prompt": parameters["prompt"], "negative_prompt": parameters.get("negative_prompt", "")}
     conversions = {"Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float),
                    "Seed": ("seed", int), "Sampler": ("sampler", str), "Clip skip": ("clip_skip", int),
-                   "Denoising strength": ("strength", float)}
+                   "Denoising strength": ("hires_strength" if "Hires upscale" in parameters else "strength", float),
+                   "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int)}
     for key, (name, convert) in conversions.items():
         if key in parameters:
             kwargs[name] = convert(parameters[key])
