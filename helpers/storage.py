@@ -93,7 +93,7 @@ def atomic_open(path, mode: str = "wb", encoding: str | None = None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
@@ -107,7 +107,7 @@ def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
     return Path(path)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable where the file system allows it (not on every FUSE mount, such as Drive)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)

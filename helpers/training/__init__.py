@@ -1,0 +1,1 @@
+"""Training: datasets, the shared accelerate loop, LoRA, DreamBooth, export."""
