@@ -1,0 +1,74 @@
+"""The LoRA training loop on the tiny SD 1.5: checkpoints, a resume that ends where an uninterrupted run ends, NaN."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers.training import loop
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "5_sks cat"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of a cat, {['red', 'blue', 'green'][i]}")
+    return folder.parent
+
+
+def config(dataset, run_dir, **kwargs):
+    settings = dict(dataset=str(dataset), run_dir=str(run_dir), resolution=64, rank=4, alpha=4, learning_rate=1e-3,
+                    max_train_steps=6, checkpoint_every=2, seed=0, trigger="sks", flip_p=0.5)
+    return loop.TrainConfig(**{**settings, **kwargs})
+
+
+def test_a_run_killed_and_resumed_ends_with_the_same_weights(dataset, tmp_path):
+    whole = loop.train_lora(config(dataset, tmp_path / "whole"), progress=False)
+    assert whole.steps == 6 and len(whole.losses) == 6 and whole.resumed_from is None
+    cut = loop.train_lora(config(dataset, tmp_path / "cut"), stop_after=3, progress=False)
+    assert cut.steps == 3 and [s for s, _ in loop.checkpoints(tmp_path / "cut")] == [2]  # step 3 is lost
+    resumed = loop.train_lora(config(dataset, tmp_path / "cut"), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys() and len(a) > 8
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the log too (read back from loss.csv, 6 decimals): the lost step 3 was trained again, identically
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
+    assert (tmp_path / "cut" / "loss.png").is_file()
+
+
+def test_only_the_last_checkpoints_are_kept_and_half_saves_never_count(dataset, tmp_path):
+    loop.train_lora(config(dataset, tmp_path, keep_checkpoints=2), progress=False)
+    assert [s for s, _ in loop.checkpoints(tmp_path)] == [4, 6]
+    (tmp_path / ".checkpoint-8.tmp").mkdir()  # what a kill during a save leaves
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [s for s, _ in loop.checkpoints(tmp_path)] == [4, 6]
+
+
+def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    real = loop._loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"The loss became nan at step 3 .*lower `learning_rate`.*"
+                                                 r"checkpoint-2, the last good checkpoint"):
+        loop.train_lora(config(dataset, tmp_path), progress=False)
+    assert [s for s, _ in loop.checkpoints(tmp_path)] == [2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 0}, "`rank` must be a positive integer, not 0"),
+    ({"learning_rate": 5}, "`learning_rate` must be between 0 and 1"),
+    ({"resolution": 500}, "`resolution` must be a multiple of 64, not 500: use 512"),
+    ({"targets": "all"}, "`targets` must be one of attention, attention\\+ff"),
+])
+def test_bad_configs(dataset, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        config(dataset, tmp_path, **kwargs)
