@@ -72,3 +72,27 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_path, 
 def test_bad_configs(dataset, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         config(dataset, tmp_path, **kwargs)
+
+
+def test_samples_and_the_kohya_export(dataset, tmp_path):
+    from helpers.training import export
+
+    result = loop.train_lora(config(dataset, tmp_path / "a", max_train_steps=4, sample_every=2,
+                                    sample_prompts=["a photo of sks cat", "sks cat, watercolor"], sample_steps=2),
+                             progress=False)
+    samples = sorted(p.relative_to(tmp_path / "a" / "samples").as_posix()
+                     for p in (tmp_path / "a" / "samples").rglob("*.png"))
+    assert samples == ["step-000002/00000-1234.png", "step-000002/00001-1235.png",
+                       "step-000004/00000-1234.png", "step-000004/00001-1235.png"]
+    kohya = tmp_path / "a" / "lora" / "sks.safetensors"
+    metadata = export.read_lora_metadata(kohya)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_steps"] == "4" and result.lora_path.is_file()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mixed_precision": "fp16"}, "mixed_precision='fp16' needs a CUDA GPU"),
+    ({"optimizer": "adamw8bit"}, "optimizer='adamw8bit' needs a CUDA GPU"),
+])
+def test_gpu_only_choices_are_refused_on_cpu(dataset, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        loop.train_lora(config(dataset, tmp_path, **kwargs), progress=False)

@@ -47,7 +47,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    extra: dict = field(default_factory=dict)
+    mixed_precision: str = "auto"     # auto: fp16 on a T4, bf16 from Ampere on, none on CPU; or "no", "fp16", "bf16"
+    gradient_checkpointing: bool = True
+    optimizer: str = "auto"           # auto: 8-bit AdamW (bitsandbytes) on a GPU, AdamW elsewhere; "adamw", "adamw8bit"
+    sample_every: int = 0             # steps between sample images (0: none)
+    sample_prompts: list = field(default_factory=lambda: ["a photo of sks"])
+    sample_seed: int = 1234
+    sample_steps: int = 20
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpoint_every",
@@ -58,6 +64,10 @@ class TrainConfig:
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"`learning_rate` must be between 0 and 1, not {self.learning_rate!r} (1e-4 is usual "
                              "for a LoRA).")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"`mixed_precision` must be auto, no, fp16 or bf16, not {self.mixed_precision!r}.")
+        if self.optimizer not in ("auto", "adamw", "adamw8bit"):
+            raise ValueError(f"`optimizer` must be auto, adamw or adamw8bit, not {self.optimizer!r}.")
         if self.targets not in TARGETS:
             raise ValueError(f"`targets` must be one of {', '.join(TARGETS)}, not {self.targets!r}.")
         if self.resolution % 64:
@@ -105,20 +115,26 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig, get_peft_model_state_dict
     from tqdm.auto import tqdm
 
-    from .. import loading
+    from .. import loading, runtime
     from . import datasets, export
 
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     max_steps = smoke.cap("train_steps", config.max_train_steps)
     resolution = smoke.cap("size", config.resolution)
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    profile = runtime.detect_profile()
+    precision = _mixed_precision(config.mixed_precision, profile)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=precision)
     set_seed(config.seed)
+    # the frozen weights in half precision where training runs in it; the trained LoRA weights stay in fp32
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
-    pipe = loading.load_sd(config.base_model)
+    pipe = loading.load_sd(config.base_model, dtype=weight_dtype, profile=profile)
     if type(pipe).__name__ != "StableDiffusionPipeline":
         raise ValueError(f"train_lora trains SD 1.x models for now; {config.base_model!r} gives "
                          f"{type(pipe).__name__}.")
@@ -128,8 +144,11 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
         model.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                 target_modules=TARGETS[config.targets]))
+    cast_training_params(unet, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimizer = _optimizer(config.optimizer, params, config.learning_rate, profile)
 
     items = datasets.find_items(config.dataset, trigger=config.trigger)
     dataset = datasets.TrainingDataset(items, resolution, trigger=config.trigger, caption_dropout=config.caption_dropout,
@@ -145,6 +164,7 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
                                  num_training_steps=max_steps * config.gradient_accumulation_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
+    unet.train()
     step, resumed_from = 0, None
     if checkpoints(run_dir):
         resumed_from, latest = checkpoints(run_dir)[-1]
@@ -186,6 +206,8 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % config.checkpoint_every == 0 or step == max_steps:
                 _save_checkpoint(accelerator, run_dir, step, config.keep_checkpoints)
+            if config.sample_every and (step % config.sample_every == 0 or step == max_steps):
+                _samples(pipe, unet, accelerator, config, resolution, run_dir / "samples" / f"step-{step:06d}")
             if step >= max_steps or (stop_after is not None and step >= stop_after):
                 break
     bar.close()
@@ -194,8 +216,50 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
     if step >= max_steps:
         state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
         lora_path = export.save_lora_diffusers(run_dir / "lora", state, family="sd15", alpha=config.alpha)
+        name = config.trigger or run_dir.name
+        export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, family="sd15", alpha=config.alpha,
+                               steps=step, base_model=config.base_model, trigger_word=config.trigger or "",
+                               output_name=name, resolution=resolution)
         _plot_losses(run_dir, losses)
     return TrainResult(run_dir=run_dir, steps=step, losses=losses, lora_path=lora_path, resumed_from=resumed_from)
+
+
+def _mixed_precision(choice: str, profile) -> str:
+    """auto: fp16 on GPUs without native bf16 (T4), bf16 from Ampere on, none on CPU."""
+    if choice != "auto":
+        if choice != "no" and profile.device != "cuda":
+            raise ValueError(f"mixed_precision={choice!r} needs a CUDA GPU; on {profile.device} use 'no' (or 'auto').")
+        return choice
+    if profile.device != "cuda":
+        return "no"
+    return "bf16" if profile.native_bf16 else "fp16"
+
+
+def _optimizer(choice: str, params, learning_rate: float, profile):
+    """8-bit AdamW (bitsandbytes) on a GPU: a quarter of AdamW's optimizer memory; plain AdamW elsewhere."""
+    import torch
+
+    if choice == "adamw8bit" or (choice == "auto" and profile.device == "cuda"):
+        if profile.device != "cuda":
+            raise ValueError("optimizer='adamw8bit' needs a CUDA GPU (bitsandbytes' 8-bit optimizers); use 'adamw' "
+                             "or 'auto' here.")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=learning_rate)
+    return torch.optim.AdamW(params, lr=learning_rate)
+
+
+def _samples(pipe, unet, accelerator, config, resolution: int, folder: Path) -> None:
+    """Sample images at fixed prompts and seeds, so that runs and steps can be compared."""
+    from .. import diffusion
+
+    unet.eval()
+    with accelerator.autocast():
+        for i, prompt in enumerate(config.sample_prompts):
+            result = diffusion.generate(pipe, prompt, num_inference_steps=config.sample_steps, width=resolution,
+                                        height=resolution, seed=config.sample_seed + i, progress=False)
+            result.save(folder)
+    unet.train()
 
 
 def _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, device):
