@@ -51,9 +51,9 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_path, 
     real = loop._loss
     calls = []
 
-    def poisoned(*args):
+    def poisoned(*args, **kwargs):
         calls.append(1)
-        loss = real(*args)
+        loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(loop, "_loss", poisoned)
@@ -96,3 +96,19 @@ def test_samples_and_the_kohya_export(dataset, tmp_path):
 def test_gpu_only_choices_are_refused_on_cpu(dataset, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         loop.train_lora(config(dataset, tmp_path, **kwargs), progress=False)
+
+
+def test_dreambooth_prior_preservation_caches_class_images_and_resumes_exactly(dataset, tmp_path):
+    settings = dict(instance_prompt="a photo of sks cat", class_prompt="a photo of a cat", num_class_images=2,
+                    prior_loss_weight=0.5, max_train_steps=4)
+    whole = loop.train_lora(config(dataset, tmp_path / "whole", **settings), progress=False)
+    class_images = sorted((tmp_path / "whole" / "class_images").glob("*.png"))
+    assert len(class_images) == 2  # SMOKE MODE caps the count at 2
+    loop.train_lora(config(dataset, tmp_path / "cut", **settings), stop_after=3, progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cut" / "class_images").glob("*.png")}
+    resumed = loop.train_lora(config(dataset, tmp_path / "cut", **settings), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cut" / "class_images").glob("*.png")} == stamps
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = loop.train_lora(config(dataset, tmp_path / "plain", max_train_steps=4), progress=False)
+    assert plain.losses != pytest.approx(whole.losses)  # the prior term is in the loss
