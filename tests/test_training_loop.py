@@ -112,3 +112,22 @@ def test_dreambooth_prior_preservation_caches_class_images_and_resumes_exactly(d
     assert all(torch.equal(a[k], b[k]) for k in a)
     plain = loop.train_lora(config(dataset, tmp_path / "plain", max_train_steps=4), progress=False)
     assert plain.losses != pytest.approx(whole.losses)  # the prior term is in the loss
+
+
+def test_text_encoder_lora_is_trained_exported_and_resumes_exactly(dataset, tmp_path):
+    from helpers import diffusion, loading
+
+    settings = dict(train_text_encoder=True, text_encoder_lr=5e-4, max_train_steps=4)
+    whole = loop.train_lora(config(dataset, tmp_path / "whole", **settings), progress=False)
+    weights = load_file(whole.lora_path)
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    loop.train_lora(config(dataset, tmp_path / "cut", **settings), stop_after=3, progress=False)
+    resumed = loop.train_lora(config(dataset, tmp_path / "cut", **settings), progress=False)
+    again = load_file(resumed.lora_path)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    pipe = loading.load_sd("sd15")
+    ids = pipe.tokenizer("a photo of sks cat", return_tensors="pt").input_ids
+    before = pipe.text_encoder(ids)[0]
+    pipe.load_lora_weights(str(whole.lora_path.parent), weight_name=whole.lora_path.name)
+    assert not torch.allclose(before, pipe.text_encoder(ids)[0])  # the text encoder LoRA loads and acts
+    assert diffusion.generate(pipe, "a photo of sks cat", num_inference_steps=2, seed=1, progress=False).images

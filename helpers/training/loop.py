@@ -38,6 +38,8 @@ class TrainConfig:
     rank: int = 16
     alpha: float = 16.0
     targets: str = "attention"        # or "attention+ff"
+    train_text_encoder: bool = False  # a LoRA on the CLIP text encoder too (more of the style, more memory)
+    text_encoder_lr: float | None = None  # its learning rate (None: learning_rate)
     seed: int = 42
     trigger: str | None = None
     caption_dropout: float = 0.0
@@ -171,11 +173,20 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
         model.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                 target_modules=TARGETS[config.targets]))
-    cast_training_params(unet, dtype=torch.float32)
+    models = [unet]
+    if config.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        models.append(text_encoder)
+    cast_training_params(models, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = _optimizer(config.optimizer, params, config.learning_rate, profile)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if config.train_text_encoder:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": config.text_encoder_lr or config.learning_rate})
+    params = [p for group in groups for p in group["params"]]
+    optimizer = _optimizer(config.optimizer, groups, config.learning_rate, profile)
 
     items = datasets.find_items(config.dataset, trigger=config.trigger)
     dataset = datasets.TrainingDataset(items, resolution, trigger=config.trigger, caption_dropout=config.caption_dropout,
@@ -189,8 +200,11 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * config.gradient_accumulation_steps,
                                  num_training_steps=max_steps * config.gradient_accumulation_steps)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        text_encoder.train()
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     unet.train()
     step, resumed_from = 0, None
     if checkpoints(run_dir):
@@ -217,7 +231,7 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
                 prior = datasets.collate_examples([class_dataset[(i * n + j) % len(class_dataset)] for j in range(n)])
                 batch = {"pixel_values": torch.cat([batch["pixel_values"], prior["pixel_values"]]),
                          "captions": batch["captions"] + prior["captions"]}
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*models):
                 loss = _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, accelerator.device,
                              prior=class_dataset is not None)
                 if not torch.isfinite(loss):
@@ -250,11 +264,13 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
     lora_path = run_dir / "lora" / "pytorch_lora_weights.safetensors"
     if step >= max_steps:
         state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
-        lora_path = export.save_lora_diffusers(run_dir / "lora", state, family="sd15", alpha=config.alpha)
+        te_state = (get_peft_model_state_dict(accelerator.unwrap_model(text_encoder))
+                    if config.train_text_encoder else None)
+        lora_path = export.save_lora_diffusers(run_dir / "lora", state, te_state, family="sd15", alpha=config.alpha)
         name = config.trigger or run_dir.name
-        export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, family="sd15", alpha=config.alpha,
-                               steps=step, base_model=config.base_model, trigger_word=config.trigger or "",
-                               output_name=name, resolution=resolution)
+        export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, te_state, family="sd15",
+                               alpha=config.alpha, steps=step, base_model=config.base_model,
+                               trigger_word=config.trigger or "", output_name=name, resolution=resolution)
         _plot_losses(run_dir, losses)
     return TrainResult(run_dir=run_dir, steps=step, losses=losses, lora_path=lora_path, resumed_from=resumed_from)
 
@@ -307,8 +323,9 @@ def _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, de
     pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
+    with torch.set_grad_enabled(config.train_text_encoder):
         encoder_hidden_states = text_encoder(ids)[0]
     noise = torch.randn_like(latents)
     if config.noise_offset:
