@@ -7,6 +7,8 @@
                                                  a kohya-style .txt caption beside every image (resumable)
     python -m helpers generate "PROMPT" [--negative ...] [--sampler NAME] [--steps N] [--seed S] [--out DIR]
     python -m helpers inpaint IMAGE MASK "PROMPT" [--strength 0.75] [--only-masked] [--out DIR]
+    python -m helpers train-lora CONFIG.json [--set KEY=VALUE ...] [--steps N]
+                                                 train (or resume) a LoRA from the config a notebook wrote
 """
 import argparse
 import importlib.metadata
@@ -256,6 +258,34 @@ def inpaint(args) -> int:
                      invert_mask=args.invert_mask)
 
 
+# --- training from the shell ----------------------------------------------------------------------------------------
+
+def train_lora(args) -> int:
+    from .training import config as training_config
+    from .training import loop
+
+    overrides = training_config.parse_overrides(args.set)
+    if args.steps is not None:
+        overrides["max_train_steps"] = args.steps
+    config = training_config.read_config(args.config, overrides)  # checked before any model is loaded
+    _smoke_notice()
+    print(f"run folder: {config.run_dir}")
+    done = loop.checkpoints(config.run_dir)
+    if done:
+        step, folder = done[-1]
+        print(f"resume point: {folder.name} (step {step} of {config.max_train_steps})")
+    else:
+        print("resume point: none, a new run")
+    result = loop.train_lora(config, progress=args.progress)
+    print(f"steps done: {result.steps}")
+    if not result.lora_path.is_file():
+        print(f"error: the run stopped at step {result.steps} without writing its LoRA; run the same command again "
+              "to resume.", file=sys.stderr)
+        return 1
+    print(f"lora: {result.lora_path}")
+    return 0
+
+
 def _sd_arguments(p, model: str) -> None:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'DPM++ 2M Karras' (default: the model's own)")
@@ -316,11 +346,18 @@ def main(argv=None) -> int:
     p.add_argument("--only-masked", action="store_true", help="paint the masked area (plus --padding) at full size")
     p.add_argument("--padding", type=int, default=32)
     _sd_arguments(p, "sd15-inpaint")
+    p = sub.add_parser("train-lora", help="train (or resume) a LoRA from a config.json of TrainConfig fields")
+    p.add_argument("config", help="the config.json (the notebook writes one into the run folder), or that folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field (the value is read as JSON where it parses, else as text); repeat for "
+                        "several, e.g. --set max_train_steps=500 --set trigger=sks")
+    p.add_argument("--steps", type=int, help="the total number of training steps (same as --set max_train_steps=N)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
     runtime.quiet_logging()
     try:
         commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
-                    "inpaint": inpaint}
+                    "inpaint": inpaint, "train-lora": train_lora}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message says what to do, no traceback
         print(f"error: {e}", file=sys.stderr)

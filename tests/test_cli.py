@@ -110,3 +110,85 @@ def test_inpaint_cli(tmp_path):
 def test_generate_cli_bad_input(args, message, tmp_path):
     result = run(*args, "--out", str(tmp_path))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- train-lora --------------------------------------------------------------------------------------------------
+
+def _training_config(tmp_path) -> Path:
+    """A tiny kohya dataset and a config.json for it, with paths relative to the file (as a moved run folder has)."""
+    import json
+
+    data = tmp_path / "data" / "2_sks"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 120, 60, 200 - i * 90)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a square, {['red', 'blue'][i]}\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"dataset": "data", "run_dir": "run", "resolution": 64, "rank": 4, "alpha": 4,
+                                  "max_train_steps": 1000, "checkpoint_every": 1, "seed": 1}))
+    return config
+
+
+def test_train_lora_cli_trains_then_resumes_at_the_end(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    config = _training_config(tmp_path)
+    result = run("train-lora", str(config), "--set", "max_train_steps=2", "--set", "trigger=sks", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"run folder: {tmp_path / 'run'}" in result.stdout and "resume point: none" in result.stdout
+    lora_path = Path(result.stdout.split("lora:")[1].split()[0])
+    assert lora_path == tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"
+    weights = load_file(lora_path)
+    assert any(".lora" in k for k in weights) and len(weights) > 8
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "run" / "loss.csv").read_text().count("\n") == 3  # header + 2 steps
+
+    again = run("train-lora", str(config), "--steps", "2", "--set", "trigger=sks", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "resume point: checkpoint-2 (step 2 of 2)" in again.stdout and "Resuming from" in again.stdout
+    assert "steps done: 2" in again.stdout
+    assert (tmp_path / "run" / "loss.csv").read_text().count("\n") == 3  # no step trained twice
+    resumed = load_file(Path(again.stdout.split("lora:")[1].split()[0]))
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "learning_rat=1e-3"], ("Unknown TrainConfig field(s): 'learning_rat'. Valid fields: dataset, "
+                                      "run_dir, base_model, resolution")),
+    (["--set", "max_train_steps"], "--set expects KEY=VALUE"),
+    (["--set", "resolution=500"], "`resolution` must be a multiple of 64, not 500: use 512"),
+])
+def test_train_lora_cli_bad_settings_are_one_clear_line(args, message, tmp_path):
+    config = _training_config(tmp_path)
+    result = run("train-lora", str(config), *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+
+
+def test_train_lora_cli_unknown_key_in_the_file(tmp_path):
+    import json
+
+    config = _training_config(tmp_path)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "epochs": 3}))
+    result = run("train-lora", str(config))
+    assert result.returncode == 2 and "'epochs'" in result.stderr and "max_train_steps" in result.stderr
+    result = run("train-lora", str(tmp_path / "missing.json"))
+    assert result.returncode == 2 and "No training config at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_config_round_trip_and_set_values(tmp_path):
+    from helpers.training import config as training_config
+    from helpers.training.loop import TrainConfig
+
+    original = TrainConfig(dataset=str(tmp_path / "d"), run_dir=str(tmp_path / "r"), trigger="sks", rank=8)
+    path = training_config.write_config(original, tmp_path)
+    assert path == tmp_path / "config.json"
+    assert training_config.read_config(path) == original
+    assert training_config.read_config(tmp_path) == original  # the folder finds its config.json
+    overrides = training_config.parse_overrides(["learning_rate=5e-5", "trigger=1990s", "shuffle_captions=true",
+                                                 "trigger=42", "seed=7"])
+    assert overrides == {"learning_rate": 5e-5, "trigger": "42", "shuffle_captions": True, "seed": 7}
+    changed = training_config.read_config(path, overrides)
+    assert (changed.learning_rate, changed.trigger, changed.rank) == (5e-5, "42", 8)
+    assert training_config.parse_overrides(["trigger=null"]) == {"trigger": None}

@@ -131,3 +131,33 @@ def test_text_encoder_lora_is_trained_exported_and_resumes_exactly(dataset, tmp_
     pipe.load_lora_weights(str(whole.lora_path.parent), weight_name=whole.lora_path.name)
     assert not torch.allclose(before, pipe.text_encoder(ids)[0])  # the text encoder LoRA loads and acts
     assert diffusion.generate(pipe, "a photo of sks cat", num_inference_steps=2, seed=1, progress=False).images
+
+
+def test_loss_falls_when_overfitting_one_image(tmp_path):
+    """Measured on fixed noise and timesteps (the training loss itself jumps with the random timestep)."""
+    from helpers import loading
+    from helpers.training import datasets
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray((np.random.RandomState(7).rand(64, 64, 3) * 255).astype("uint8")).save(folder / "a.png")
+    (folder / "a.txt").write_text("a photo of sks")
+    result = loop.train_lora(config(folder, tmp_path / "run", max_train_steps=10, learning_rate=2e-2, flip_p=0.0,
+                                    checkpoint_every=10), progress=False)
+    batch = datasets.collate_examples([datasets.TrainingDataset(datasets.find_items(folder), 64)[0]])
+    pipe = loading.load_sd("sd15")
+    settings = config(folder, tmp_path)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def fixed_loss():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return sum(loop._loss(batch, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, settings,
+                                  "cpu").item() for _ in range(8)) / 8
+
+    before = fixed_loss()
+    pipe.load_lora_weights(str(result.lora_path.parent), weight_name=result.lora_path.name)
+    after = fixed_loss()
+    assert after < before - 0.005, (before, after)  # untrained (or broken) LoRA weights leave it equal
