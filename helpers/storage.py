@@ -18,6 +18,8 @@ COLAB_LOCAL_ROOT = Path("/content") / f"{PROJECT}-data"   # when Drive cannot be
 _root: Path | None = None              # set by mount_drive()
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"   # the sample files that ship with the project
+# The machine's own disk, for what cannot be written to Drive (kept only as long as the session)
+LOCAL_FALLBACK = Path(tempfile.gettempdir()) / f"{PROJECT}-fallback"
 
 
 @dataclass(frozen=True)

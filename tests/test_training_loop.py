@@ -161,3 +161,42 @@ def test_loss_falls_when_overfitting_one_image(tmp_path):
     pipe.load_lora_weights(str(result.lora_path.parent), weight_name=result.lora_path.name)
     after = fixed_loss()
     assert after < before - 0.005, (before, after)  # untrained (or broken) LoRA weights leave it equal
+
+
+def _flaky_save_state(monkeypatch, failures):
+    """Accelerator.save_state that raises OSError while `failures(folder)` says so."""
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        if failures(output_dir):
+            raise OSError(5, "Input/output error", output_dir)
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    monkeypatch.setattr(loop, "RETRY_DELAYS_S", (0, 0))
+
+
+def test_a_failed_checkpoint_write_is_tried_again(dataset, tmp_path, monkeypatch, capsys):
+    tries = []
+    _flaky_save_state(monkeypatch, lambda folder: tries.append(folder) or len(tries) == 1)  # the first try fails
+    loop.train_lora(config(dataset, tmp_path, max_train_steps=2), progress=False)
+    assert [s for s, _ in loop.checkpoints(tmp_path)] == [2] and (tmp_path / "checkpoint-2").is_dir()
+    assert "Writing checkpoint 2 failed" in capsys.readouterr().out
+
+
+def test_when_drive_stays_unwritable_the_checkpoint_goes_to_local_disk_and_resumes(dataset, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from helpers import storage
+
+    monkeypatch.setattr(storage, "LOCAL_FALLBACK", tmp_path / "local")
+    run_dir = tmp_path / "drive" / "run"
+    drive_back = []
+    _flaky_save_state(monkeypatch, lambda folder: not drive_back and str(run_dir) in str(folder))
+    loop.train_lora(config(dataset, run_dir, max_train_steps=4), stop_after=2, progress=False)
+    assert "Saved it to" in capsys.readouterr().out
+    assert [(s, p.parent) for s, p in loop.checkpoints(run_dir)] == [(2, tmp_path / "local" / "runs" / "run")]
+    drive_back.append(True)
+    resumed = loop.train_lora(config(dataset, run_dir, max_train_steps=4), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 4 and (run_dir / "checkpoint-4").is_dir()

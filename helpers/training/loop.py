@@ -12,11 +12,12 @@ import csv
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import images as imaging
-from .. import smoke
+from .. import smoke, storage
 
 TARGETS = {"attention": ["to_k", "to_q", "to_v", "to_out.0"],
            "attention+ff": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]}
@@ -82,19 +83,52 @@ class TrainConfig:
                              f"{max(64, round(self.resolution / 64) * 64)}.")
 
 
+RETRY_DELAYS_S = (2, 10)   # waits between tries of a checkpoint save that failed (Drive hiccups)
+
+
+def fallback_dir(run_dir) -> Path:
+    """Where checkpoints go when the run folder (on Drive) cannot be written: the machine's own disk."""
+    return storage.LOCAL_FALLBACK / "runs" / Path(run_dir).name
+
+
 def checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run, oldest first, as (step, folder)."""
-    run_dir = Path(run_dir)
-    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    """The complete checkpoints of a run, oldest first, as (step, folder): in the run folder and in its local
+    fallback (see fallback_dir)."""
+    found = [(int(m.group(1)), p) for folder in (Path(run_dir), fallback_dir(run_dir))
+             for p in folder.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
     return sorted(found)
 
 
-def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    target = run_dir / f"checkpoint-{step}"
-    staging = run_dir / f".checkpoint-{step}.tmp"
+def _save_state(accelerator, folder: Path, step: int) -> Path:
+    """save_state into a hidden folder, renamed to checkpoint-<step> once complete."""
+    target, staging = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    accelerator.save_state(str(staging))
-    staging.rename(target)  # complete: only now does it count as a checkpoint
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        accelerator.save_state(str(staging))
+        staging.rename(target)  # complete: only now does it count as a checkpoint
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """Save a checkpoint into the run folder, trying again after a failed write; where the run folder stays
+    unwritable (Drive gone), into the local fallback, and say so. Only the last `keep` are kept."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            target = _save_state(accelerator, run_dir, step)
+            break
+        except OSError as e:
+            if delay is None:
+                target = _save_state(accelerator, fallback_dir(run_dir), step)
+                print(f"Could not write checkpoint {step} to {run_dir} ({e}). Saved it to {target} on this "
+                      "machine's disk instead: it is lost if the session ends. When Drive works again, the next "
+                      "checkpoint goes there; a resume finds either.")
+                break
+            print(f"Writing checkpoint {step} failed ({e}); trying again in {delay} s.")
+            time.sleep(delay)
     for _, old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
