@@ -9,6 +9,8 @@
     python -m helpers inpaint IMAGE MASK "PROMPT" [--strength 0.75] [--only-masked] [--out DIR]
     python -m helpers train-lora CONFIG.json [--set KEY=VALUE ...] [--steps N]
                                                  train (or resume) a LoRA from the config a notebook wrote
+    python -m helpers dreambooth CONFIG.json [--set KEY=VALUE ...] [--steps N]
+                                                 the same for a LoRA-DreamBooth run (needs instance_prompt)
 """
 import argparse
 import importlib.metadata
@@ -260,14 +262,20 @@ def inpaint(args) -> int:
 
 # --- training from the shell ----------------------------------------------------------------------------------------
 
-def train_lora(args) -> int:
+def _read_train_config(args):
+    """The TrainConfig of `args.config` with the --set and --steps overrides: checked before any model is loaded."""
     from .training import config as training_config
-    from .training import loop
 
     overrides = training_config.parse_overrides(args.set)
     if args.steps is not None:
         overrides["max_train_steps"] = args.steps
-    config = training_config.read_config(args.config, overrides)  # checked before any model is loaded
+    return training_config.read_config(args.config, overrides)
+
+
+def _train(config, progress: bool) -> int:
+    """Train (or resume) the run of `config`, saying where it is, where it resumes and where its LoRA is."""
+    from .training import loop
+
     _smoke_notice()
     print(f"run folder: {config.run_dir}")
     done = loop.checkpoints(config.run_dir)
@@ -276,7 +284,7 @@ def train_lora(args) -> int:
         print(f"resume point: {folder.name} (step {step} of {config.max_train_steps})")
     else:
         print("resume point: none, a new run")
-    result = loop.train_lora(config, progress=args.progress)
+    result = loop.train_lora(config, progress=progress)
     print(f"steps done: {result.steps}")
     if not result.lora_path.is_file():
         print(f"error: the run stopped at step {result.steps} without writing its LoRA; run the same command again "
@@ -284,6 +292,26 @@ def train_lora(args) -> int:
         return 1
     print(f"lora: {result.lora_path}")
     return 0
+
+
+def train_lora(args) -> int:
+    return _train(_read_train_config(args), args.progress)
+
+
+def dreambooth(args) -> int:
+    config = _read_train_config(args)
+    if not (config.instance_prompt or "").strip():  # refused before a model of several GB is loaded
+        raise ValueError(f"dreambooth needs `instance_prompt` (the one prompt of every instance image, its rare token "
+                         f"and class noun), which {args.config!r} lacks: add it to the file, or pass --set "
+                         "\"instance_prompt=a photo of sks dog\" (for a LoRA on per-image captions, use train-lora).")
+    print(f"instance prompt: {config.instance_prompt!r}")
+    if config.class_prompt:
+        print(f"class images: {Path(config.run_dir) / 'class_images'} ({config.num_class_images} of "
+              f"{config.class_prompt!r}, painted by the base model before training and kept for the next run)")
+    else:
+        print("class images: none (prior preservation is off: set class_prompt, e.g. \"a photo of a dog\", to turn "
+              "it on)")
+    return _train(config, args.progress)
 
 
 def _sd_arguments(p, model: str) -> None:
@@ -346,18 +374,22 @@ def main(argv=None) -> int:
     p.add_argument("--only-masked", action="store_true", help="paint the masked area (plus --padding) at full size")
     p.add_argument("--padding", type=int, default=32)
     _sd_arguments(p, "sd15-inpaint")
-    p = sub.add_parser("train-lora", help="train (or resume) a LoRA from a config.json of TrainConfig fields")
-    p.add_argument("config", help="the config.json (the notebook writes one into the run folder), or that folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field (the value is read as JSON where it parses, else as text); repeat for "
-                        "several, e.g. --set max_train_steps=500 --set trigger=sks")
-    p.add_argument("--steps", type=int, help="the total number of training steps (same as --set max_train_steps=N)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    for name, text in (("train-lora", "train (or resume) a LoRA from a config.json of TrainConfig fields"),
+                       ("dreambooth", ("train (or resume) a LoRA-DreamBooth run from a config.json with "
+                                       "instance_prompt (and class_prompt for prior preservation)"))):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="the config.json (the notebook writes one into the run folder), or that folder")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field (the value is read as JSON where it parses, else as text); repeat for "
+                            "several, e.g. --set max_train_steps=500 --set trigger=sks")
+        p.add_argument("--steps", type=int, help="the total number of training steps (same as --set "
+                                                 "max_train_steps=N)")
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
     runtime.quiet_logging()
     try:
         commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
-                    "inpaint": inpaint, "train-lora": train_lora}
+                    "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message says what to do, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -192,3 +192,42 @@ def test_train_config_round_trip_and_set_values(tmp_path):
     changed = training_config.read_config(path, overrides)
     assert (changed.learning_rate, changed.trigger, changed.rank) == (5e-5, "42", 8)
     assert training_config.parse_overrides(["trigger=null"]) == {"trigger": None}
+
+
+# --- dreambooth ----------------------------------------------------------------------------------------------------
+
+def test_dreambooth_cli_trains_with_class_images_then_resumes_without_painting_them_again(tmp_path):
+    from helpers import images
+
+    config = _training_config(tmp_path)
+    args = ["--set", "instance_prompt=a photo of sks dog", "--set", "class_prompt=a photo of a dog",
+            "--set", "num_class_images=5", "--no-progress"]  # SMOKE MODE caps the class images at 2
+    result = run("dreambooth", str(config), "--set", "max_train_steps=2", *args)
+    assert result.returncode == 0, result.stderr
+    class_dir = tmp_path / "run" / "class_images"
+    assert f"class images: {class_dir} (5 of 'a photo of a dog'" in result.stdout
+    assert "instance prompt: 'a photo of sks dog'" in result.stdout and "resume point: none" in result.stdout
+    painted = images.list_images(class_dir)
+    assert len(painted) == 2
+    stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in painted}
+    lora_path = Path(result.stdout.split("lora:")[1].split()[0])
+    assert lora_path == tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors" and lora_path.is_file()
+    assert (tmp_path / "run" / "loss.csv").read_text().count("\n") == 3  # header + 2 steps
+
+    again = run("dreambooth", str(config), "--steps", "3", *args)
+    assert again.returncode == 0, again.stderr
+    assert "resume point: checkpoint-2 (step 2 of 3)" in again.stdout and "steps done: 3" in again.stdout
+    assert images.list_images(class_dir) == painted  # the cached class images are reused, not painted again
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in painted} == stamps
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "instance_prompt= "]])
+def test_dreambooth_cli_refuses_a_config_without_instance_prompt(extra, tmp_path):
+    config = _training_config(tmp_path)
+    result = run("dreambooth", str(config), "--set", "class_prompt=a photo of a dog", *extra)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dreambooth needs `instance_prompt`")
+    assert '--set "instance_prompt=a photo of sks dog"' in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    assert result.stdout == ""
