@@ -114,8 +114,8 @@ class ChatSession:
     # --- a turn ------------------------------------------------------------------------------------------------------
 
     def _prepare(self, text: str, images):
-        """(turns, inputs): the turns to send, after any trimming, and their model inputs. The session itself is not
-        changed until the answer is complete."""
+        """(turns, inputs, generate_kwargs): the turns to send, after any trimming, their model inputs, and the
+        generation settings. The session itself is not changed until the answer is complete."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"The question must be a non-empty string, not {text!r}.")
         if images is None:
@@ -128,12 +128,13 @@ class ChatSession:
             raise ValueError("No image yet: LLaVA answers about images. Pass one with this question, e.g. "
                              "session.send('What is in this picture?', images=['photo.jpg']).")
         turns = [*self.turns, turn]
-        budget = self.context_limit - self.settings.generate_kwargs()["max_new_tokens"]
+        kwargs = self.settings.generate_kwargs()
+        budget = self.context_limit - kwargs["max_new_tokens"]
         while True:
             inputs = self.inputs(turns)
             length = inputs["input_ids"].shape[1]
             if length <= budget:
-                return turns, inputs
+                return turns, inputs, kwargs
             if self.on_overflow == "error" or len(turns) <= 1:
                 raise ValueError(
                     f"This turn needs {length} prompt tokens + {self.context_limit - budget} new tokens, more than "
@@ -148,11 +149,11 @@ class ChatSession:
             print(f"Context full ({length} of {self.context_limit} tokens): dropped the oldest {len(dropped)} "
                   f"message(s){f' and {n_images} image(s)' if n_images else ''}.")
 
-    def _generate(self, inputs, streamer=None, stop=None):
+    def _generate(self, inputs, kwargs: dict, streamer=None, stop=None):
         import torch
         from transformers import StoppingCriteriaList
 
-        kwargs = self.settings.generate_kwargs()
+        kwargs = dict(kwargs)
         if self.settings.seed is not None:
             torch.manual_seed(self.settings.seed)
         if stop is not None:
@@ -162,8 +163,8 @@ class ChatSession:
 
     def send(self, text: str, images=None) -> str:
         """Ask `text` (with optional new images: PIL images, paths or URLs) and return the answer."""
-        turns, inputs = self._prepare(text, images)
-        output = self._generate(inputs)
+        turns, inputs, kwargs = self._prepare(text, images)
+        output = self._generate(inputs, kwargs)
         answer = self.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         self.turns = [*turns, Turn("assistant", answer)]
         return answer
@@ -173,7 +174,7 @@ class ChatSession:
         complete; closing the stream early stops generation and keeps nothing."""
         from transformers import TextIteratorStreamer
 
-        turns, inputs = self._prepare(text, images)
+        turns, inputs, kwargs = self._prepare(text, images)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
         stop = _StopFlag()
@@ -181,7 +182,7 @@ class ChatSession:
 
         def run():
             try:
-                self._generate(inputs, streamer=streamer, stop=stop)
+                self._generate(inputs, kwargs, streamer=streamer, stop=stop)
             except BaseException as e:  # reported in the caller's thread, not lost in this one
                 errors.append(e)
                 streamer.end()
