@@ -301,7 +301,8 @@ def test_examples_have_the_promised_keys_and_are_reproducible(training_folder):
     assert len(dataset) == 2 + 3 * 2 + 2
     wide = [e.path.name for e in dataset.entries].index("w0.png")
     example = dataset[wide]
-    assert set(example) == {"pixel_values", "caption", "original_size", "crop_top_left", "bucket"}
+    assert set(example) == {"pixel_values", "caption", "original_size", "crop_top_left", "bucket", "path"}
+    assert example["path"] == str(dataset.entries[wide].path)
     width, height = example["bucket"]
     assert tuple(example["pixel_values"].shape) == (3, height, width) and width > height  # the wide bucket
     assert example["original_size"] == (64, 128)  # (height, width)

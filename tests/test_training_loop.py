@@ -200,3 +200,20 @@ def test_when_drive_stays_unwritable_the_checkpoint_goes_to_local_disk_and_resum
     drive_back.append(True)
     resumed = loop.train_lora(config(dataset, run_dir, max_train_steps=4), progress=False)
     assert resumed.resumed_from == 2 and resumed.steps == 4 and (run_dir / "checkpoint-4").is_dir()
+
+
+def test_cached_latents_encode_each_image_once_and_resume_exactly(dataset, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    encodes = []
+    real = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encodes.append(len(x)) or real(self, x, *a, **k))
+    settings = dict(cache_latents=True, flip_p=0.0, max_train_steps=4)
+    whole = loop.train_lora(config(dataset, tmp_path / "whole", **settings), progress=False)
+    assert encodes == [1, 1, 1]  # three images (repeated 5 times each), each encoded once, none per step
+    loop.train_lora(config(dataset, tmp_path / "cut", **settings), stop_after=3, progress=False)
+    resumed = loop.train_lora(config(dataset, tmp_path / "cut", **settings), progress=False)
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="`cache_latents` encodes each image once, so it cannot be flipped"):
+        config(dataset, tmp_path, cache_latents=True, flip_p=0.5)

@@ -418,6 +418,7 @@ class TrainingDataset:
         pixel_values   float tensor (3, height, width) in [-1, 1], the size of its bucket
         caption        build_caption(item.caption or item.concept, trigger, ...)
         original_size  (height, width) of the image file;  crop_top_left (top, left);  bucket (width, height)
+        path           the image file (the key of cached latents)
 
     Its random draws (flip, crop, caption dropout and shuffle) come from random.Random seeded by (seed, epoch, i):
     the same seed, epoch and index always give the same example. Call set_epoch() (BucketBatchSampler.set_epoch
@@ -471,7 +472,7 @@ class TrainingDataset:
                                 keep_tokens=self.keep_tokens, dropout=self.caption_dropout, rng=rng)
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
         return {"pixel_values": pixels, "caption": caption, "original_size": (image.height, image.width),
-                "crop_top_left": crop_top_left, "bucket": bucket}
+                "crop_top_left": crop_top_left, "bucket": bucket, "path": str(item.path)}
 
 
 class BucketBatchSampler:
@@ -533,4 +534,4 @@ def collate_examples(examples: list[dict]) -> dict:
             "captions": [e["caption"] for e in examples],
             "original_sizes": [e["original_size"] for e in examples],
             "crop_top_lefts": [e["crop_top_left"] for e in examples],
-            "buckets": [e["bucket"] for e in examples]}
+            "buckets": [e["bucket"] for e in examples], "paths": [e["path"] for e in examples]}

@@ -46,6 +46,7 @@ class TrainConfig:
     caption_dropout: float = 0.0
     shuffle_captions: bool = False
     flip_p: float = 0.0
+    cache_latents: bool = False       # encode each image with the VAE once, not every step (needs flip_p=0)
     noise_offset: float = 0.0         # e.g. 0.05: darker darks and brighter brights
     min_snr_gamma: float = 0.0        # e.g. 5.0: min-SNR loss weighting (0: off)
     max_grad_norm: float = 1.0
@@ -76,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"`mixed_precision` must be auto, no, fp16 or bf16, not {self.mixed_precision!r}.")
         if self.optimizer not in ("auto", "adamw", "adamw8bit"):
             raise ValueError(f"`optimizer` must be auto, adamw or adamw8bit, not {self.optimizer!r}.")
+        if self.cache_latents and self.flip_p:
+            raise ValueError(f"`cache_latents` encodes each image once, so it cannot be flipped at random: set "
+                             f"flip_p=0 (not {self.flip_p}) or cache_latents=False.")
         if self.targets not in TARGETS:
             raise ValueError(f"`targets` must be one of {', '.join(TARGETS)}, not {self.targets!r}.")
         if self.resolution % 64:
@@ -239,6 +243,8 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
         text_encoder.train()
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    latents = _cache_latents(vae, [dataset] + ([class_dataset] if class_dataset else []), config.seed,
+                             accelerator.device) if config.cache_latents else None
     unet.train()
     step, resumed_from = 0, None
     if checkpoints(run_dir):
@@ -264,7 +270,9 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
                 n = len(batch["captions"])
                 prior = datasets.collate_examples([class_dataset[(i * n + j) % len(class_dataset)] for j in range(n)])
                 batch = {"pixel_values": torch.cat([batch["pixel_values"], prior["pixel_values"]]),
-                         "captions": batch["captions"] + prior["captions"]}
+                         "captions": batch["captions"] + prior["captions"], "paths": batch["paths"] + prior["paths"]}
+            if latents is not None:
+                batch["latents"] = torch.stack([latents[path] for path in batch["paths"]])
             with accelerator.accumulate(*models):
                 loss = _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, accelerator.device,
                              prior=class_dataset is not None)
@@ -307,6 +315,26 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
                                trigger_word=config.trigger or "", output_name=name, resolution=resolution)
         _plot_losses(run_dir, losses)
     return TrainResult(run_dir=run_dir, steps=step, losses=losses, lora_path=lora_path, resumed_from=resumed_from)
+
+
+def _cache_latents(vae, datasets_, seed: int, device) -> dict:
+    """{image path: its VAE latents}, each image encoded once (a fixed draw from the latent distribution)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cache = {}
+    generator = torch.Generator().manual_seed(seed)
+    for dataset in datasets_:
+        firsts = {}
+        for index, item in enumerate(dataset.entries):
+            firsts.setdefault(str(item.path), index)
+        for path, index in tqdm(firsts.items(), desc="caching latents", unit="image", leave=False):
+            pixels = dataset[index]["pixel_values"][None].to(device, dtype=vae.dtype)
+            with torch.no_grad():
+                distribution = vae.encode(pixels).latent_dist
+                noise = torch.randn(distribution.mean.shape, generator=generator).to(device, distribution.mean.dtype)
+                cache[path] = (distribution.mean + distribution.std * noise)[0].cpu() * vae.config.scaling_factor
+    return cache
 
 
 def _mixed_precision(choice: str, profile) -> str:
@@ -354,9 +382,12 @@ def _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, de
     import torch
     import torch.nn.functional as F
 
-    pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+    if "latents" in batch:  # cached: encoded once, before training
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
     ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)
     with torch.set_grad_enabled(config.train_text_encoder):
