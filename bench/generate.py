@@ -11,15 +11,12 @@ Torch runs on the same, pinned, thread count for both arms. In SMOKE MODE steps 
 import argparse
 import gc
 import json
-import os
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import helpers
-from helpers.bench import machine, peak_rss_mib, versions
+from helpers.bench import command_line, machine, peak_rss_mib, versions
 from helpers import runtime, samplers, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,9 +67,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise ValueError(f"`--repeats` must be at least 1, not {args.repeats}.")
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "HELPERS_TINY") if os.environ.get(k))
-    script = sys.argv[0] if argv is None else "bench/generate.py"
-    command = " ".join(filter(None, [env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])]))
+    command = command_line("bench/generate.py", argv)
     runtime.quiet_logging()
     import torch
     # diffusers and transformers import their modules lazily, on first use: do it here, not in the timed load

@@ -10,16 +10,13 @@ peak RSS of a process never goes down) and `--append` the next run's row to the 
 """
 import argparse
 import json
-import os
-import shlex
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 import helpers
-from helpers.bench import machine, peak_rss_mib, versions
+from helpers.bench import command_line, machine, peak_rss_mib, versions
 from helpers import loading, runtime, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,9 +82,7 @@ def main(argv=None):
                          f"not {args.new_tokens}.")
     if args.repeats < 1:
         raise ValueError(f"`--repeats` must be at least 1, not {args.repeats}.")
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "HELPERS_TINY") if os.environ.get(k))
-    script = sys.argv[0] if argv is None else "bench/llava.py"
-    command = " ".join(filter(None, [env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])]))
+    command = command_line("bench/llava.py", argv)
     runtime.quiet_logging()
     import psutil
     import torch

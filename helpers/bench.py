@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import resource
+import shlex
 import sys
 
 from . import runtime
@@ -35,3 +36,10 @@ def machine(note: str = "") -> str:
     profile = runtime.detect_profile()
     cores = f"{os.cpu_count()} cores" + (f" ({note})" if note else "")
     return f"{platform.machine()}, {cores}, RAM {profile.ram_gb:.1f} GB, {runtime.describe(profile).split(' | ')[1]}"
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that reproduces this run: the environment switches that matter, then `python script args`."""
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "HELPERS_TINY") if os.environ.get(k))
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(filter(None, [env, "python", shlex.join([sys.argv[0] if argv is None else script, *args])]))

@@ -1,16 +1,14 @@
 """bench/generate.py writes a well-formed result file: the tiny sentence, the header, positive numbers, JSON rows."""
-import importlib.util
 import json
 from pathlib import Path
+
+import conftest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_bench("generate")
 
 
 def test_bench_writes_table_and_json(tmp_path, monkeypatch):

@@ -6,15 +6,14 @@ from pathlib import Path
 
 from PIL import Image
 
+import conftest
+
 ROOT = Path(__file__).resolve().parent.parent
 VQA = ROOT / "assets" / "vqa"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_llava", ROOT / "bench" / "llava.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_bench("llava")
 
 
 def test_bench_writes_table_and_json(tmp_path, monkeypatch):
