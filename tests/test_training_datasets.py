@@ -355,6 +355,23 @@ def test_bucket_batches_have_one_shape_and_a_seeded_order(training_folder):
     assert [len(b) for b in dropping.batches()] == [4] and len(dropping) == 1
 
 
+def test_several_processes_share_an_epoch_in_turn_and_take_equal_steps(training_folder):
+    dataset = make_dataset(training_folder)
+    whole = ds.BucketBatchSampler(dataset, batch_size=2, seed=5)          # 5 batches an epoch
+    ranks = [ds.BucketBatchSampler(dataset, batch_size=2, seed=5, num_replicas=2, rank=r) for r in (0, 1)]
+    every = whole.batches()
+    assert [len(r) for r in ranks] == [3, 3] and [len(r.batches()) for r in ranks] == [3, 3]
+    assert ranks[0].batches() == every[0::2] and ranks[1].batches() == every[1::2] + every[:1]  # padded round
+    assert all(r.all_batches() == every for r in ranks)
+    for r in ranks:
+        r.set_epoch(1)
+    whole.set_epoch(1)
+    assert ranks[0].batches() == whole.batches()[0::2] != every[0::2]             # a new epoch, a new order
+    assert set(sum(ranks[0].batches() + ranks[1].batches(), [])) == set(range(len(dataset)))  # all seen
+    with pytest.raises(ValueError, match=r"`rank` must be an integer in \[0, num_replicas=2\), not 2"):
+        ds.BucketBatchSampler(dataset, batch_size=2, num_replicas=2, rank=2)
+
+
 def test_mixed_sizes_in_one_batch_are_refused(training_folder):
     dataset = make_dataset(training_folder)
     with pytest.raises(ValueError, match="A batch mixes image sizes.*BucketBatchSampler"):

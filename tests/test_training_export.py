@@ -17,7 +17,7 @@ UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(family: str, text_encoder: bool = False, seed: int = 0, alpha: float = ALPHA):
+def make_lora(family: str, text_encoder: bool = False, seed: int = 0, alpha: float = ALPHA, use_dora: bool = False):
     """A LoRA with random (non-zero) weights on the tiny `family` UNet (and on its CLIP text encoder), as peft
     models: (unet, text_encoder or None), each carrying the adapter."""
     from diffusers import UNet2DConditionModel
@@ -26,12 +26,13 @@ def make_lora(family: str, text_encoder: bool = False, seed: int = 0, alpha: flo
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(tiny.ensure(family) / "unet")
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=UNET_TARGETS))
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=UNET_TARGETS,
+                                use_dora=use_dora))
     te = None
     if text_encoder:  # transformers' own add_adapter is blocked by the peft pin (FACTS): use peft directly
         te = CLIPTextModel.from_pretrained(tiny.ensure(family) / "text_encoder")
         te = get_peft_model(te, LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False,
-                                           target_modules=TE_TARGETS))
+                                           target_modules=TE_TARGETS, use_dora=use_dora))
     return unet, te
 
 
@@ -189,3 +190,25 @@ def test_a_crash_mid_save_leaves_the_previous_file_whole(sd15_lora, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]   # no staging folder left behind
     monkeypatch.undo()
     assert save(tmp_path, {k: v * 2 for k, v in unet_sd.items()}).read_bytes() != before
+
+
+def test_a_dora_round_trips_through_the_diffusers_file_and_is_refused_in_kohya_form(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet, te = make_lora("sd15", text_encoder=True, use_dora=True)
+    with torch.no_grad():   # magnitudes away from the base weights' norms, where DoRA starts: they must travel
+        for name, param in [*unet.named_parameters(), *te.named_parameters()]:
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.5)
+    unet_sd, te_sd = state_dicts(unet, te)
+    assert any(k.endswith(".lora_magnitude_vector") for k in unet_sd)
+    file = export.save_lora_diffusers(tmp_path, unet_sd, te_sd, family="sd15", alpha=ALPHA)
+    stored = safetensors.torch.load_file(str(file))
+    assert sum("lora_magnitude_vector" in k for k in stored) == sum(
+        k.endswith("lora_magnitude_vector") for k in {**unet_sd, **te_sd})   # every magnitude is in the file
+    base = loading.load_sd("sd15", dtype=torch.float32)
+    trained = paint(StableDiffusionPipeline(**{**base.components, "unet": unet, "text_encoder": te.get_base_model()}))
+    np.testing.assert_allclose(paint_with("sd15", file), trained, atol=1e-5)   # magnitudes restored, DoRA on
+    with pytest.raises(ValueError, match="A DoRA LoRA .* cannot be exported in the kohya/A1111 format"):
+        export.save_lora_kohya(tmp_path / "dora.safetensors", unet_sd, te_sd, family="sd15", alpha=ALPHA)
+    assert not (tmp_path / "dora.safetensors").exists()

@@ -1,4 +1,6 @@
 """The LoRA training loop on the tiny SD 1.5: checkpoints, a resume that ends where an uninterrupted run ends, NaN."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,8 +156,8 @@ def test_loss_falls_when_overfitting_one_image(tmp_path):
     def fixed_loss():
         torch.manual_seed(0)
         with torch.no_grad():
-            return sum(loop._loss(batch, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, settings,
-                                  "cpu").item() for _ in range(8)) / 8
+            return sum(loop._loss(batch, pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer], scheduler,
+                                  settings, "cpu").item() for _ in range(8)) / 8
 
     before = fixed_loss()
     pipe.load_lora_weights(str(result.lora_path.parent), weight_name=result.lora_path.name)
@@ -175,7 +177,9 @@ def _flaky_save_state(monkeypatch, failures):
         return real(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
-    monkeypatch.setattr(loop, "RETRY_DELAYS_S", (0, 0))
+    from helpers.training import checkpoints
+
+    monkeypatch.setattr(checkpoints, "RETRY_DELAYS_S", (0, 0))
 
 
 def test_a_failed_checkpoint_write_is_tried_again(dataset, tmp_path, monkeypatch, capsys):
@@ -217,3 +221,49 @@ def test_cached_latents_encode_each_image_once_and_resume_exactly(dataset, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="`cache_latents` encodes each image once, so it cannot be flipped"):
         config(dataset, tmp_path, cache_latents=True, flip_p=0.5)
+
+
+def test_dora_trains_and_its_diffusers_file_loads_while_kohya_is_skipped(dataset, tmp_path, capsys):
+    from helpers import diffusion, loading
+    from helpers.training import export
+
+    result = loop.train_lora(config(dataset, tmp_path, use_dora=True, train_text_encoder=True, max_train_steps=3,
+                                    learning_rate=1e-2), progress=False)
+    weights = load_file(result.lora_path)
+    magnitudes = [k for k in weights if "lora_magnitude_vector" in k]
+    assert any(k.startswith("unet.") for k in magnitudes) and any(k.startswith("text_encoder.") for k in magnitudes)
+    assert sorted(p.name for p in result.lora_path.parent.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert "no kohya/A1111 file" in capsys.readouterr().out
+    metadata = export.read_lora_metadata(result.lora_path)
+    adapter = json.loads(metadata["lora_adapter_metadata"])
+    assert adapter["unet.use_dora"] is True and adapter["text_encoder.use_dora"] is True
+    pipe = loading.load_sd("sd15")
+    plain = diffusion.generate(pipe, "a photo of sks cat", num_inference_steps=2, seed=1, progress=False).images[0]
+    pipe.load_lora_weights(str(result.lora_path.parent), weight_name=result.lora_path.name)
+    assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())   # loaded as a DoRA
+    tuned = diffusion.generate(pipe, "a photo of sks cat", num_inference_steps=2, seed=1, progress=False).images[0]
+    assert np.abs(np.asarray(tuned, dtype=float) - np.asarray(plain, dtype=float)).max() > 0
+
+
+def test_a_resume_with_settings_that_change_the_weights_is_refused_before_loading(dataset, tmp_path, monkeypatch):
+    from helpers import loading
+
+    loop.train_lora(config(dataset, tmp_path, max_train_steps=4), stop_after=2, progress=False)
+    loads = []
+    monkeypatch.setattr(loading, "load_sd", lambda *a, **k: loads.append(a))
+    with pytest.raises(ValueError, match=r"was trained with use_dora=False \(now True\), rank=4 \(now 8\), so "
+                                         r"it cannot resume .*use a new run folder"):
+        loop.train_lora(config(dataset, tmp_path, max_train_steps=4, rank=8, use_dora=True), progress=False)
+    assert loads == []
+
+
+def test_the_learning_rate_schedule_counts_optimizer_steps_with_gradient_accumulation(dataset, tmp_path, monkeypatch):
+    import diffusers.optimization
+
+    made = []
+    real = diffusers.optimization.get_scheduler
+    monkeypatch.setattr(diffusers.optimization, "get_scheduler", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    result = loop.train_lora(config(dataset, tmp_path, lr_scheduler="linear", gradient_accumulation_steps=2,
+                                    max_train_steps=4, checkpoint_every=4), progress=False)
+    assert result.steps == 4
+    assert made[0].get_last_lr()[0] == 0.0   # linear decay ends at the last optimizer step, not half-way

@@ -480,13 +480,22 @@ class BucketBatchSampler:
     collate_fn=collate_examples) yields same-size batches. Each epoch the indices within a bucket and then the order
     of the batches are shuffled by random.Random seeded by (seed, epoch): call set_epoch(epoch) before each epoch
     (it sets the dataset's epoch too; with DataLoader workers, before the loader's iterator is made).
-    A bucket's last batch may be short; `drop_last` drops it. Under accelerate with several processes, use
-    drop_last=True or even_batches=False, so that no batch is padded with examples from another bucket."""
+    A bucket's last batch may be short; `drop_last` drops it.
 
-    def __init__(self, dataset, batch_size: int, seed: int = 0, drop_last: bool = False, shuffle: bool = True):
+    With several processes (`num_replicas`, one sampler per process with its `rank`), the epoch's batches are dealt
+    out in turn: process r serves batches r, r + num_replicas, ...; where they do not divide evenly, the first ones
+    are served again to fill the last round, so every process takes the same number of steps (as torch's
+    DistributedSampler pads). The sharding is this sampler's own, so a resumed run skips exactly what it trained."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, drop_last: bool = False, shuffle: bool = True,
+                 num_replicas: int = 1, rank: int = 0):
         _check_int("batch_size", batch_size)
+        _check_int("num_replicas", num_replicas)
+        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"`rank` must be an integer in [0, num_replicas={num_replicas}), not {rank!r}.")
         self.dataset, self.batch_size, self.seed, self.drop_last, self.shuffle = (dataset, batch_size, seed,
                                                                                  drop_last, shuffle)
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(dataset.bucket_per_index):
@@ -498,7 +507,15 @@ class BucketBatchSampler:
             self.dataset.set_epoch(epoch)
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
-        """The batches of `epoch` (default: the current one), in the order they are served."""
+        """The batches this process serves in `epoch` (default: the current one), in order (see the class note on
+        several processes)."""
+        every = self.all_batches(epoch)
+        rounds = -(-len(every) // self.num_replicas)
+        padded = (every * rounds)[:rounds * self.num_replicas] if every else []
+        return padded[self.rank::self.num_replicas]
+
+    def all_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """The batches of `epoch` (default: the current one) over all processes, in the order they are dealt."""
         rng = random.Random(f"{self.seed}:{self.epoch if epoch is None else epoch}:batches")
         batches = []
         for bucket in sorted(self.by_bucket):
@@ -517,8 +534,9 @@ class BucketBatchSampler:
         return iter(self.batches())
 
     def __len__(self) -> int:
+        """The number of batches this process serves per epoch."""
         divide = (lambda n: n // self.batch_size) if self.drop_last else (lambda n: -(-n // self.batch_size))
-        return sum(divide(len(indices)) for indices in self.by_bucket.values())
+        return -(-sum(divide(len(indices)) for indices in self.by_bucket.values()) // self.num_replicas)
 
 
 def collate_examples(examples: list[dict]) -> dict:

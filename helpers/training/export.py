@@ -25,8 +25,17 @@ FAMILIES = {
 }
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# Why a DoRA has no kohya/A1111 file here (checked 2026-11): the kohya-side key is `<module>.dora_scale` (LyCORIS), but
+# no reader computes peft's DoRA, W' = m * (W + dW) / ||W + dW|| per output row: A1111 and LyCORIS' default normalise
+# over the input axis; ComfyUI, given an (out, 1) scale, divides by the norm of the base weight W alone; and diffusers
+# 0.42.1's load_lora_weights drops `dora_scale` keys ("not compatible in Diffusers at the moment"). A file would load
+# everywhere and paint something other than what was trained, so it is refused.
+DORA_KOHYA = ("A DoRA LoRA (use_dora=True) cannot be exported in the kohya/A1111 format faithfully: A1111, ComfyUI "
+              "and diffusers each read its `dora_scale` differently from how it was trained. Use the diffusers file "
+              "(pipe.load_lora_weights), or train with use_dora=False for an A1111/ComfyUI file.")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _DIFFUSERS_FORM = re.compile(r"\.(?:lora|lora_linear_layer)\.(down|up)\.")
+_MAGNITUDE = ".lora_magnitude_vector"   # DoRA's learned magnitude per output feature (peft), shape (out_features,)
 
 
 def _family(family: str):
@@ -45,10 +54,13 @@ def _peft_state_dict(state_dict, component: str) -> dict:
     """`state_dict` in peft's form (`<module>.lora_A.weight`), without any component or peft wrapper prefix; text
     encoder keys begin with `text_model.` (transformers 5 flattens CLIPTextModel; the file formats keep the name)."""
     state_dict = {_strip(k, (f"{component}.", "base_model.model.")): v for k, v in state_dict.items()}
+    state_dict = {k.removesuffix(".weight") if k.endswith(f"{_MAGNITUDE}.weight") else k: v  # as save_lora_diffusers
+                  for k, v in state_dict.items()}                                        # writes text encoders'
+
     # the diffusers form (convert_state_dict_to_diffusers): UNet `.lora.down.`, CLIP `.lora_linear_layer.down.`
     state_dict = {_DIFFUSERS_FORM.sub(lambda m: ".lora_A." if m[1] == "down" else ".lora_B.", k): v
                   for k, v in state_dict.items()}
-    not_lora = [k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k]
+    not_lora = [k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k and not k.endswith(_MAGNITUDE)]
     if not_lora:
         raise ValueError(f"Not a LoRA state dict ({component}): keys such as {not_lora[0]!r} are neither lora_A nor "
                          "lora_B. Pass what peft's get_peft_model_state_dict(model) returns.")
@@ -76,7 +88,7 @@ def _adapter_metadata(peft_sd: dict, alpha, component: str) -> dict:
     rank_pattern = {k: v for k, v in ranks.items() if v != r}
     return {"r": r, "lora_alpha": float(alpha) if alpha is not None else r, "rank_pattern": rank_pattern,
             "alpha_pattern": dict(rank_pattern) if alpha is None else {}, "target_modules": sorted(ranks),
-            "use_dora": False, "lora_bias": False}
+            "use_dora": any(k.endswith(_MAGNITUDE) for k in peft_sd), "lora_bias": False}
 
 
 
@@ -118,7 +130,13 @@ def save_lora_diffusers(folder, unet_lora_state_dict, text_encoder_lora_state_di
                                ("text_encoder_2", text_encoder_2_lora_state_dict, "text_encoder_2")):
         peft_sd = _peft_state_dict(sd or {}, component)
         if peft_sd:
-            layers[f"{arg}_lora_layers"] = convert_state_dict_to_diffusers(peft_sd)
+            converted = convert_state_dict_to_diffusers(peft_sd)
+            if component in _TEXT_ENCODERS:
+                # diffusers 0.42.1 + transformers 5.23 load a text encoder's DoRA magnitude only as
+                # `...lora_magnitude_vector.weight`; the bare key is dropped as UNEXPECTED (and DoRA then runs with
+                # the base norms). The UNet's loader takes the bare key.
+                converted = {f"{k}.weight" if k.endswith(_MAGNITUDE) else k: v for k, v in converted.items()}
+            layers[f"{arg}_lora_layers"] = converted
             metadata[f"{arg}_lora_adapter_metadata"] = _adapter_metadata(peft_sd, alpha, component)
     if not layers:
         raise ValueError("Nothing to save: every LoRA state dict is empty.")
@@ -132,7 +150,9 @@ def save_lora_diffusers(folder, unet_lora_state_dict, text_encoder_lora_state_di
 def kohya_state_dict(unet_lora_state_dict, text_encoder_lora_state_dict=None, text_encoder_2_lora_state_dict=None,
                      family: str = "sd15", alpha: float | None = None) -> dict:
     """The kohya/A1111 tensors (fp16): `lora_unet_<module>`, `lora_te_<module>` (SD 1.x) or `lora_te1_`/`lora_te2_`
-    (SDXL), each with `.lora_down.weight`, `.lora_up.weight` and `.alpha` (= `alpha`; None: the rank)."""
+    (SDXL), each with `.lora_down.weight`, `.lora_up.weight` and `.alpha` (= `alpha`; None: the rank).
+
+    A DoRA (peft's `lora_magnitude_vector` keys) is refused: see DORA_KOHYA."""
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
 
@@ -145,6 +165,8 @@ def kohya_state_dict(unet_lora_state_dict, text_encoder_lora_state_dict=None, te
         combined.update({f"{component}.{k}": v for k, v in _peft_state_dict(sd or {}, component).items()})
     if not combined:
         raise ValueError("Nothing to save: every LoRA state dict is empty.")
+    if any(k.endswith(_MAGNITUDE) for k in combined):
+        raise ValueError(DORA_KOHYA)
     # diffusers names the text encoders lora_te1/lora_te2 and sets every alpha to the rank (a scale of 1)
     converted = convert_state_dict_to_kohya(combined)
     tensors = {}

@@ -1,27 +1,31 @@
-"""The training loop, on accelerate: a LoRA on the UNet of an SD 1.x model, resumable after a disconnect.
+"""The training loop, on accelerate: a LoRA (or DoRA) on the UNet of an SD 1.x or SDXL model, or the whole UNet (a
+full DreamBooth fine-tune), resumable after a disconnect, on one GPU or several.
 
-Every `checkpoint_every` steps the whole state (LoRA weights, optimizer, learning-rate schedule, RNG states) is saved
-with `accelerator.save_state` into a temporary folder of the run, which is renamed to `checkpoint-<step>` once
-complete, so a kill during a save leaves the previous checkpoint whole; the last `keep_checkpoints` are kept. Run
-`train_lora` again with the same run folder and it goes on from the latest checkpoint: its data order and random
-draws are those of the uninterrupted run, so it ends with the same weights.
-
-(SDXL, text-encoder training, DreamBooth, samples during training and the notebooks come next: issue 5.)
+Every `checkpoint_every` steps the whole state is saved (see checkpoints.py); run `train_lora` again with the same run
+folder and it goes on from the latest checkpoint: its data order and random draws are those of the uninterrupted run,
+so it ends with the same weights. Under `accelerate launch` (or `launch()`, notebook_launcher) each process trains on
+its own share of every epoch's batches (BucketBatchSampler's num_replicas/rank), gradients are averaged by DDP, and
+only the main process writes the loss log, samples and exports.
 """
-import csv
-import math
-import re
-import shutil
-import time
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import images as imaging
-from .. import smoke, storage
+from .. import smoke
+from .checkpoints import check_resumable, checkpoints, save_checkpoint
+from .losses import append_loss, plot_losses, read_losses
+from .losses import loss as _loss
 
 TARGETS = {"attention": ["to_k", "to_q", "to_v", "to_out.0"],
            "attention+ff": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]}
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+METHODS = ("lora", "full")
+FAMILY_OF_PIPELINE = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+# the settings that shape the trained weights: a run resumes only with the same ones
+SHAPING_FIELDS = ("base_model", "method", "use_dora", "rank", "alpha", "targets", "train_text_encoder")
+RANK_DUMP_ENV = "HELPERS_RANK_DUMP"   # tests: a folder where every process writes its trained weights at the end
 
 
 @dataclass
@@ -63,6 +67,8 @@ class TrainConfig:
     sample_prompts: list = field(default_factory=lambda: ["a photo of sks"])
     sample_seed: int = 1234
     sample_steps: int = 20
+    method: str = "lora"              # "lora", or "full": the whole UNet (DreamBooth fine-tune; SD 1.5 fits a T4)
+    use_dora: bool = False            # DoRA: LoRA plus a learned magnitude per output (peft use_dora)
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpoint_every",
@@ -82,60 +88,14 @@ class TrainConfig:
                              f"flip_p=0 (not {self.flip_p}) or cache_latents=False.")
         if self.targets not in TARGETS:
             raise ValueError(f"`targets` must be one of {', '.join(TARGETS)}, not {self.targets!r}.")
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}, not {self.method!r}.")
+        if self.method == "full" and (self.train_text_encoder or self.use_dora):
+            raise ValueError("`method='full'` trains the whole UNet only: set train_text_encoder=False and "
+                             "use_dora=False (or use method='lora').")
         if self.resolution % 64:
             raise ValueError(f"`resolution` must be a multiple of 64, not {self.resolution}: use "
                              f"{max(64, round(self.resolution / 64) * 64)}.")
-
-
-RETRY_DELAYS_S = (2, 10)   # waits between tries of a checkpoint save that failed (Drive hiccups)
-
-
-def fallback_dir(run_dir) -> Path:
-    """Where checkpoints go when the run folder (on Drive) cannot be written: the machine's own disk."""
-    return storage.LOCAL_FALLBACK / "runs" / Path(run_dir).name
-
-
-def checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run, oldest first, as (step, folder): in the run folder and in its local
-    fallback (see fallback_dir)."""
-    found = [(int(m.group(1)), p) for folder in (Path(run_dir), fallback_dir(run_dir))
-             for p in folder.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
-    return sorted(found)
-
-
-def _save_state(accelerator, folder: Path, step: int) -> Path:
-    """save_state into a hidden folder, renamed to checkpoint-<step> once complete."""
-    target, staging = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        accelerator.save_state(str(staging))
-        staging.rename(target)  # complete: only now does it count as a checkpoint
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-def _save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """Save a checkpoint into the run folder, trying again after a failed write; where the run folder stays
-    unwritable (Drive gone), into the local fallback, and say so. Only the last `keep` are kept."""
-    for delay in (*RETRY_DELAYS_S, None):
-        try:
-            target = _save_state(accelerator, run_dir, step)
-            break
-        except OSError as e:
-            if delay is None:
-                target = _save_state(accelerator, fallback_dir(run_dir), step)
-                print(f"Could not write checkpoint {step} to {run_dir} ({e}). Saved it to {target} on this "
-                      "machine's disk instead: it is lost if the session ends. When Drive works again, the next "
-                      "checkpoint goes there; a resume finds either.")
-                break
-            print(f"Writing checkpoint {step} failed ({e}); trying again in {delay} s.")
-            time.sleep(delay)
-    for _, old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def ensure_class_images(pipe, class_prompt: str, count: int, folder: Path, resolution: int, seed: int) -> Path:
@@ -153,109 +113,155 @@ def ensure_class_images(pipe, class_prompt: str, count: int, folder: Path, resol
     return folder
 
 
-def _snr(scheduler, timesteps):
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    return alphas_cumprod / (1 - alphas_cumprod)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
     steps: int
     losses: list[float]
-    lora_path: Path
+    lora_path: Path | None            # the LoRA in the diffusers format (method "lora")
     resumed_from: int | None
+    family: str = "sd15"
+    model_dir: Path | None = None     # method "full": the trained pipeline as a diffusers folder
+    single_file: Path | None = None   # method "full": one A1111/ComfyUI checkpoint (None where it could not be made)
+
+    @property
+    def output(self) -> Path:
+        """What the run made: the LoRA file, or the model folder of a full fine-tune."""
+        return self.model_dir if self.model_dir is not None else self.lora_path
+
+
+def check_full_fits(model: str, family: str, profile, optimizer: str = "auto", resolution: int | None = None,
+                    batch_size: int = 1) -> None:
+    """Refuse a full fine-tune that the memory planner (planner.training_bytes: fp32 UNet, its gradients, the
+    optimizer states, the frozen parts in 16 bit, activations with checkpointing) says does not fit the GPU. A model
+    outside the catalogue is planned as its family's base model (same architecture). On CPU nothing is refused."""
+    from .. import planner, registry
+
+    if profile.device != "cuda":
+        return
+    eight_bit = optimizer in ("auto", "adamw8bit")
+    name = model if model in registry.MODELS else family
+    need = planner.training_bytes(name, "adamw8bit" if eight_bit else "adamw", resolution, batch_size) / planner.GIB
+    if need > profile.vram_gb:
+        hint = "use optimizer='adamw8bit' or 'auto', or " if not eight_bit else ""
+        raise ValueError(f"A full fine-tune of {model} needs about {need:.1f} GiB of GPU memory (fp32 UNet, its "
+                         f"gradients, {'8-bit ' if eight_bit else ''}AdamW states) but {profile.gpu_name} has "
+                         f"{profile.vram_gb:.1f} GiB: {hint}set method='lora' (LoRA-DreamBooth fits), or use a GPU "
+                         f"with at least {need + 1:.0f} GiB.")
 
 
 def train_lora(config: TrainConfig, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    """Train (or resume) a LoRA on the UNet. `stop_after`: stop once that many steps are done (without the final
-    export), as a disconnect would; the next call resumes."""
+    """Train (or resume) a LoRA on the UNet (or, with method='full', the whole UNet). `stop_after`: stop once that
+    many steps are done (without the final export), as a disconnect would; the next call resumes. Under
+    `accelerate launch` with several processes, call it in every process (the CLI does)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig, get_peft_model_state_dict
     from tqdm.auto import tqdm
 
-    from .. import loading, runtime
-    from . import datasets, export
+    from .. import loading, registry, runtime
+    from . import datasets
 
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     max_steps = smoke.cap("train_steps", config.max_train_steps)
     resolution = smoke.cap("size", config.resolution)
+    shaping = {name: getattr(config, name) for name in SHAPING_FIELDS}
+    if checkpoints(run_dir):   # before any model is loaded
+        check_resumable(checkpoints(run_dir)[-1][1], shaping)
     profile = runtime.detect_profile()
+    if config.method == "full":   # before a model of several GB is loaded
+        check_full_fits(config.base_model, registry.resolve(config.base_model).family, profile, config.optimizer,
+                        resolution, config.batch_size)
     precision = _mixed_precision(config.mixed_precision, profile)
+    # SDXL's first text encoder gives its penultimate layer: the LoRA on its last layer gets no gradient, which DDP
+    # must be told about
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)
+    # cpu=True where there is no GPU: several processes then run DDP over gloo (accelerate picks MULTI_CPU only so)
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=precision)
-    set_seed(config.seed)
-    # the frozen weights in half precision where training runs in it; the trained LoRA weights stay in fp32
+                              mixed_precision=precision, kwargs_handlers=[ddp], cpu=profile.device == "cpu")
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed, device_specific=True)  # process i: seed + i (each draws its own noise; rank 0 as alone)
+    # the frozen weights in half precision where training runs in it; the trained weights stay in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     pipe = loading.load_sd(config.base_model, dtype=weight_dtype, profile=profile)
-    if type(pipe).__name__ != "StableDiffusionPipeline":
-        raise ValueError(f"train_lora trains SD 1.x models for now; {config.base_model!r} gives "
-                         f"{type(pipe).__name__}.")
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    pipe.to(accelerator.device)
+    family = FAMILY_OF_PIPELINE.get(type(pipe).__name__)
+    if family is None:
+        raise ValueError(f"train_lora trains SD 1.x and SDXL models; {config.base_model!r} gives "
+                         f"{type(pipe).__name__}: pick an sd15 or sdxl model.")
+    unet, vae = pipe.unet, pipe.vae
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     class_dataset = None
-    if config.class_prompt:  # made by the base model, before the LoRA is added
-        class_dir = ensure_class_images(pipe, config.class_prompt, config.num_class_images, run_dir / "class_images",
-                                        resolution, config.seed)
+    if config.class_prompt:  # made by the base model, before training, by the main process alone
+        class_dir = run_dir / "class_images"
+        if main:
+            ensure_class_images(pipe, config.class_prompt, config.num_class_images, class_dir, resolution,
+                                config.seed)
+        accelerator.wait_for_everyone()
         class_items = [datasets.Item(path=p, caption=config.class_prompt, repeats=1, concept=None)
                        for p in imaging.list_images(class_dir)]
         class_dataset = datasets.TrainingDataset(class_items, resolution, bucketing=False, seed=config.seed + 1)
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                target_modules=TARGETS[config.targets]))
-    models = [unet]
-    if config.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-        models.append(text_encoder)
-    cast_training_params(models, dtype=torch.float32)
+    trained = [unet] + (text_encoders if config.train_text_encoder else [])
+    if config.method == "full":
+        if unet.dtype != torch.float32:
+            unet.to(torch.float32)   # fp32 master weights; mixed precision runs the forward in 16 bit
+        unet.requires_grad_(True)
+    else:
+        _add_adapters(config, unet, text_encoders)
+        cast_training_params(trained, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
     if config.train_text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+        groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad],
                        "lr": config.text_encoder_lr or config.learning_rate})
     params = [p for group in groups for p in group["params"]]
     optimizer = _optimizer(config.optimizer, groups, config.learning_rate, profile)
 
     items = datasets.find_items(config.dataset, trigger=config.trigger)
-    dataset = datasets.TrainingDataset(items, resolution, trigger=config.trigger, caption_dropout=config.caption_dropout,
-                                       shuffle_captions=config.shuffle_captions, flip_p=config.flip_p,
-                                       seed=config.seed, bucketing=class_dataset is None)
-    sampler = datasets.BucketBatchSampler(dataset, config.batch_size, seed=config.seed)
-    # its own generator: each new iterator draws a seed, which must not come from (and shift) the global RNG that
-    # the training noise uses, or a resumed run would draw other noise than the uninterrupted one
+    dataset = datasets.TrainingDataset(items, resolution, trigger=config.trigger,
+                                       caption_dropout=config.caption_dropout, shuffle_captions=config.shuffle_captions,
+                                       flip_p=config.flip_p, seed=config.seed, bucketing=class_dataset is None)
+    sampler = datasets.BucketBatchSampler(dataset, config.batch_size, seed=config.seed,
+                                          num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    # not accelerator.prepare'd: the sampler shards itself, so a resume skips exactly the batches trained. Its own
+    # generator: each new iterator draws a seed, which must not come from (and shift) the global RNG that the
+    # training noise uses, or a resumed run would draw other noise than the uninterrupted one
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=datasets.collate_examples,
                                          generator=torch.Generator().manual_seed(config.seed))
+    # once prepared, it is stepped num_processes times per optimizer step (accelerate's convention for a loader
+    # whose batches it shards) and not at all between accumulated micro-batches: count in those units
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps * config.gradient_accumulation_steps,
-                                 num_training_steps=max_steps * config.gradient_accumulation_steps)
-    if config.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-        text_encoder.train()
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    unet = prepared[0]
+    encoders = prepared[1:] if config.train_text_encoder else text_encoders
+    for model in prepared:
+        model.train()
     latents = _cache_latents(vae, [dataset] + ([class_dataset] if class_dataset else []), config.seed,
                              accelerator.device) if config.cache_latents else None
-    unet.train()
     step, resumed_from = 0, None
     if checkpoints(run_dir):
         resumed_from, latest = checkpoints(run_dir)[-1]
         accelerator.load_state(str(latest))
         step = resumed_from
-        print(f"Resuming from {latest} (step {step} of {max_steps}).")
-    losses = _read_losses(run_dir, step)
-    batches_per_epoch = len(sampler)
-    updates_per_epoch = max(1, batches_per_epoch // config.gradient_accumulation_steps)
-    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not progress)
+        if main:
+            print(f"Resuming from {latest} (step {step} of {max_steps}).")
+    losses = read_losses(run_dir, step) if main else []
+    seen = []   # (step, image paths) of this process: the debugging record of RANK_DUMP_ENV
+    updates_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
+    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not (progress and main))
 
     while step < max_steps and (stop_after is None or step < stop_after):
         epoch, done_in_epoch = divmod(step, updates_per_epoch)
@@ -266,20 +272,23 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
                 continue
             if config.instance_prompt:
                 batch["captions"] = [config.instance_prompt] * len(batch["captions"])
+            seen.append((step + 1, list(batch["paths"])))
             if class_dataset is not None:  # the class examples of this batch: fixed by the step, so resumable
                 n = len(batch["captions"])
-                prior = datasets.collate_examples([class_dataset[(i * n + j) % len(class_dataset)] for j in range(n)])
-                batch = {"pixel_values": torch.cat([batch["pixel_values"], prior["pixel_values"]]),
-                         "captions": batch["captions"] + prior["captions"], "paths": batch["paths"] + prior["paths"]}
+                first = (i * accelerator.num_processes + accelerator.process_index) * n
+                prior = datasets.collate_examples([class_dataset[(first + j) % len(class_dataset)] for j in range(n)])
+                batch = {key: torch.cat([value, prior[key]]) if key == "pixel_values" else value + prior[key]
+                         for key, value in batch.items()}
             if latents is not None:
                 batch["latents"] = torch.stack([latents[path] for path in batch["paths"]])
-            with accelerator.accumulate(*models):
-                loss = _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, accelerator.device,
+            with accelerator.accumulate(*prepared):
+                loss = _loss(batch, unet, vae, encoders, tokenizers, noise_scheduler, config, accelerator.device,
                              prior=class_dataset is not None)
-                if not torch.isfinite(loss):
+                mean_loss = accelerator.reduce(loss.detach().clone(), "mean").item()  # over the processes
+                if not torch.isfinite(torch.tensor(mean_loss)):
                     latest = checkpoints(run_dir)[-1][1] if checkpoints(run_dir) else None
                     raise FloatingPointError(
-                        f"The loss became {loss.item()} at step {step + 1} (learning rate "
+                        f"The loss became {mean_loss} at step {step + 1} (learning rate "
                         f"{lr_scheduler.get_last_lr()[0]:g}): lower `learning_rate` (e.g. by 10x) and run again; it "
                         f"resumes from {latest or 'the start'}, the last good checkpoint.")
                 accelerator.backward(loss)
@@ -291,30 +300,186 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            losses.append(loss.item())
-            _append_loss(run_dir, step, losses[-1])
+            losses.append(mean_loss)
+            if main:
+                append_loss(run_dir, step, mean_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
             if step % config.checkpoint_every == 0 or step == max_steps:
-                _save_checkpoint(accelerator, run_dir, step, config.keep_checkpoints)
-            if config.sample_every and (step % config.sample_every == 0 or step == max_steps):
-                _samples(pipe, unet, accelerator, config, resolution, run_dir / "samples" / f"step-{step:06d}")
+                save_checkpoint(accelerator, run_dir, step, config.keep_checkpoints, shaping)
+            if config.sample_every and (step % config.sample_every == 0 or step == max_steps) and main:
+                _samples(pipe, accelerator, config, resolution, run_dir / "samples" / f"step-{step:06d}")
             if step >= max_steps or (stop_after is not None and step >= stop_after):
                 break
     bar.close()
 
-    lora_path = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    result = TrainResult(run_dir=run_dir, steps=step, losses=losses, lora_path=None, resumed_from=resumed_from,
+                         family=family)
+    if os.environ.get(RANK_DUMP_ENV):
+        _dump_rank(accelerator, unet, encoders, config, Path(os.environ[RANK_DUMP_ENV]), seen)
+    if config.method == "lora":
+        result.lora_path = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    else:
+        result.model_dir = run_dir / "model"
     if step >= max_steps:
-        state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
-        te_state = (get_peft_model_state_dict(accelerator.unwrap_model(text_encoder))
-                    if config.train_text_encoder else None)
-        lora_path = export.save_lora_diffusers(run_dir / "lora", state, te_state, family="sd15", alpha=config.alpha)
+        if main:
+            if config.method == "lora":
+                _export_lora(accelerator, unet, encoders, config, family, run_dir, step, resolution)
+            else:
+                result.single_file = _export_full(accelerator, pipe, unet, config, family, run_dir, step,
+                                                  weight_dtype)
+            plot_losses(run_dir, losses)
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def launch(config: TrainConfig, num_processes: int | None = None, progress: bool = True) -> TrainResult:
+    """Train `config` in `num_processes` processes (default: one per GPU; Kaggle's 2x T4: 2) from a notebook cell,
+    with accelerate's notebook_launcher, and return the result read back from the run folder.
+
+    notebook_launcher forks the kernel, which CUDA forbids once this kernel has touched the GPU (h.setup() does, to
+    report it); then the same run goes through `accelerate launch --multi_gpu ... -m helpers train-lora CONFIG` in a
+    subprocess instead, which needs no clean kernel. Either way every process runs train_lora."""
+    import torch
+    from accelerate import notebook_launcher
+
+    num_processes = num_processes or max(1, torch.cuda.device_count())
+    if num_processes > 1 and _cuda_initialized():
+        _launch_subprocess(config, num_processes)
+    else:
+        notebook_launcher(train_lora, args=(config, None, progress), num_processes=num_processes)
+    return read_result(config)
+
+
+def _cuda_initialized() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _launch_subprocess(config: TrainConfig, num_processes: int) -> None:
+    import subprocess
+    import sys
+
+    from .config import write_config
+
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    path = write_config(config, Path(config.run_dir) / "config.json")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "helpers", "train-lora", str(path)]
+    print("running:", " ".join(command[1:]))
+    done = subprocess.run(command, check=False)
+    if done.returncode:
+        raise RuntimeError(f"The {num_processes}-process training exited with code {done.returncode} (its output is "
+                           f"above). Run it again to resume, or train in one process: train_lora(config).")
+
+
+def read_result(config: TrainConfig) -> TrainResult:
+    """The TrainResult of the run in config.run_dir as its files tell it (after a run in other processes)."""
+    run_dir = Path(config.run_dir)
+    done = checkpoints(run_dir)
+    steps = done[-1][0] if done else 0
+    from .. import registry
+
+    family = registry.resolve(config.base_model).family
+    result = TrainResult(run_dir=run_dir, steps=steps, losses=read_losses(run_dir, steps, rewrite=False),
+                         lora_path=None, resumed_from=None, family=family)
+    if config.method == "lora":
+        result.lora_path = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    else:
+        result.model_dir = run_dir / "model"
         name = config.trigger or run_dir.name
-        export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, te_state, family="sd15",
-                               alpha=config.alpha, steps=step, base_model=config.base_model,
-                               trigger_word=config.trigger or "", output_name=name, resolution=resolution)
-        _plot_losses(run_dir, losses)
-    return TrainResult(run_dir=run_dir, steps=step, losses=losses, lora_path=lora_path, resumed_from=resumed_from)
+        result.single_file = run_dir / f"{name}.safetensors" if (run_dir / f"{name}.safetensors").is_file() else None
+    return result
+
+
+def _add_adapters(config: TrainConfig, unet, text_encoders) -> None:
+    """The LoRA (or DoRA) adapters: on the UNet's `targets`, and on the text encoders' attention if asked for."""
+    from peft import LoraConfig
+
+    def lora(targets):
+        return LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                          target_modules=targets, use_dora=config.use_dora)
+
+    unet.add_adapter(lora(TARGETS[config.targets]))
+    if config.train_text_encoder:
+        for encoder in text_encoders:
+            encoder.add_adapter(lora(TEXT_ENCODER_TARGETS))
+
+
+def _lora_state_dicts(accelerator, unet, encoders, config) -> tuple[dict, list]:
+    """The peft state dicts of the UNet and (when trained) of each text encoder."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
+    te_states = ([get_peft_model_state_dict(accelerator.unwrap_model(te)) for te in encoders]
+                 if config.train_text_encoder else [])
+    return state, te_states
+
+
+def _export_lora(accelerator, unet, encoders, config, family, run_dir: Path, step: int, resolution: int) -> None:
+    """The LoRA in the diffusers format (run_dir/lora/pytorch_lora_weights.safetensors) and the kohya/A1111 one
+    (run_dir/lora/<trigger or run name>.safetensors)."""
+    from . import export
+
+    state, te_states = _lora_state_dicts(accelerator, unet, encoders, config)
+    te_states += [None] * (2 - len(te_states))
+    export.save_lora_diffusers(run_dir / "lora", state, *te_states, family=family, alpha=config.alpha)
+    if config.use_dora:
+        print(f"DoRA: the LoRA is saved in the diffusers format only, with no kohya/A1111 file. {export.DORA_KOHYA}")
+        return
+    name = config.trigger or run_dir.name
+    export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, *te_states, family=family,
+                           alpha=config.alpha, steps=step, base_model=config.base_model,
+                           trigger_word=config.trigger or "", output_name=name, resolution=resolution)
+
+
+def _export_full(accelerator, pipe, unet, config, family, run_dir: Path, step: int, weight_dtype) -> Path | None:
+    """The fine-tuned pipeline as a diffusers folder (run_dir/model, safetensors, the UNet in the run's 16-bit dtype
+    on a GPU) and as one A1111/ComfyUI checkpoint (run_dir/<trigger or run name>.safetensors)."""
+    import shutil
+
+    from .. import storage
+
+    pipe.unet = accelerator.unwrap_model(unet)
+    if pipe.unet.dtype != weight_dtype:
+        pipe.unet.to(weight_dtype)   # half the size on Drive; the single file is fp16 anyway
+    pipe.unet.disable_gradient_checkpointing()
+    target, staging = run_dir / "model", run_dir / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    storage.fsync_dir(run_dir)
+    try:
+        from .single_file import save_single_file
+    except ImportError as e:  # written by another part of issue 5; the diffusers folder is complete without it
+        print(f"No A1111 single-file checkpoint ({e}): the diffusers folder {target} holds the model.")
+        return None
+    name = config.trigger or run_dir.name
+    metadata = {"ss_steps": str(step), "ss_sd_model_name": config.base_model, "modelspec.title": name}
+    return save_single_file(pipe, run_dir / f"{name}.safetensors", half=True, metadata=metadata)
+
+
+def _dump_rank(accelerator, unet, encoders, config, folder: Path, seen) -> None:
+    """Tests: this process's trained weights and the images it trained on, as rank-<i>.safetensors / .json."""
+    import safetensors.torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.method == "lora":
+        unet_state, te_states = _lora_state_dicts(accelerator, unet, encoders, config)
+        state = {f"unet.{k}": v for k, v in unet_state.items()}
+        for i, te_state in enumerate(te_states):
+            state.update({f"text_encoder_{i}.{k}": v for k, v in te_state.items()})
+    else:
+        state = accelerator.unwrap_model(unet).state_dict()
+    rank = accelerator.process_index
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                                str(folder / f"rank-{rank}.safetensors"))
+    (folder / f"rank-{rank}.json").write_text(json.dumps({"num_processes": accelerator.num_processes, "seen": seen}))
 
 
 def _cache_latents(vae, datasets_, seed: int, device) -> dict:
@@ -362,97 +527,14 @@ def _optimizer(choice: str, params, learning_rate: float, profile):
     return torch.optim.AdamW(params, lr=learning_rate)
 
 
-def _samples(pipe, unet, accelerator, config, resolution: int, folder: Path) -> None:
-    """Sample images at fixed prompts and seeds, so that runs and steps can be compared."""
+def _samples(pipe, accelerator, config, resolution: int, folder: Path) -> None:
+    """Sample images at fixed prompts and seeds, so that runs and steps can be compared (main process only)."""
     from .. import diffusion
 
-    unet.eval()
+    pipe.unet.eval()
     with accelerator.autocast():
         for i, prompt in enumerate(config.sample_prompts):
             result = diffusion.generate(pipe, prompt, num_inference_steps=config.sample_steps, width=resolution,
                                         height=resolution, seed=config.sample_seed + i, progress=False)
             result.save(folder)
-    unet.train()
-
-
-def _loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, config, device, prior: bool = False):
-    """The noise-prediction loss of one batch (epsilon or v-prediction, as the model was trained), with noise
-    offset and min-SNR weighting when asked for. With `prior`, the second half of the batch holds class images:
-    their loss, times prior_loss_weight, is added (DreamBooth's prior preservation)."""
-    import torch
-    import torch.nn.functional as F
-
-    if "latents" in batch:  # cached: encoded once, before training
-        latents = batch["latents"].to(device)
-    else:
-        with torch.no_grad():
-            pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-    ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.set_grad_enabled(config.train_text_encoder):
-        encoder_hidden_states = text_encoder(ids)[0]
-    noise = torch.randn_like(latents)
-    if config.noise_offset:
-        noise += config.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if config.min_snr_gamma:
-        snr = _snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=config.min_snr_gamma) / snr
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            weights = weights * snr / (snr + 1)
-        per_example = per_example * weights
-    if not prior:
-        return per_example.mean()
-    instance, class_part = per_example.chunk(2)
-    return instance.mean() + config.prior_loss_weight * class_part.mean()
-
-
-def _read_losses(run_dir: Path, step: int) -> list[float]:
-    """The logged losses of the steps a resumed run keeps (rows past its checkpoint are dropped)."""
-    path = run_dir / "loss.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    kept = [loss for s, loss in rows if s <= step]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "loss"])
-        writer.writerows(enumerate(kept, 1))
-    return kept
-
-
-def _append_loss(run_dir: Path, step: int, loss: float) -> None:
-    path = run_dir / "loss.csv"
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["step", "loss"])
-        writer.writerow([step, f"{loss:.6f}" if math.isfinite(loss) else loss])
-
-
-def _plot_losses(run_dir: Path, losses: list[float]) -> Path:
-    """loss.png in the run folder (a Figure without pyplot: a notebook's own plotting backend stays as it is)."""
-    from matplotlib.figure import Figure
-
-    from .. import storage
-
-    figure = Figure(figsize=(6, 3))
-    axes = figure.subplots()
-    axes.plot(range(1, len(losses) + 1), losses)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    figure.tight_layout()
-    path = run_dir / "loss.png"
-    with storage.atomic_open(path) as f:
-        figure.savefig(f, format="png")
-    return path
+    pipe.unet.train()

@@ -1,0 +1,133 @@
+"""The training objective: prompts to text embeddings (SD 1.x: one CLIP; SDXL: two, plus the pooled embedding and the
+size/crop time ids), the noise-prediction loss with noise offset, min-SNR and prior preservation, and the loss log.
+
+SDXL follows diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py: the penultimate hidden states of
+both text encoders, concatenated; the pooled (projected) output of the second; and per example the time ids
+(original height, width, crop top, left, target height, width) that the UNet takes as `added_cond_kwargs`.
+"""
+import csv
+import math
+from pathlib import Path
+
+
+def encode_prompts(captions: list[str], text_encoders, tokenizers, device):
+    """(encoder_hidden_states, pooled or None) of `captions`. One text encoder: SD 1.x (its last hidden state). Two:
+    SDXL (penultimate hidden states of both, concatenated; the pooled output of the second)."""
+    import torch
+
+    if len(text_encoders) == 1:
+        ids = tokenizers[0](captions, padding="max_length", max_length=tokenizers[0].model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+        return text_encoders[0](ids)[0], None
+    states, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+def time_ids(batch, device, dtype):
+    """SDXL's micro-conditioning, one row per example: original (height, width), crop (top, left) and the target
+    (height, width), which is the example's bucket."""
+    import torch
+
+    rows = [[*original, *crop, bucket[1], bucket[0]] for original, crop, bucket in
+            zip(batch["original_sizes"], batch["crop_top_lefts"], batch["buckets"])]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def snr(scheduler, timesteps):
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def loss(batch, unet, vae, text_encoders, tokenizers, noise_scheduler, config, device, prior: bool = False):
+    """The noise-prediction loss of one batch (epsilon or v-prediction, as the model was trained), with noise
+    offset and min-SNR weighting when asked for. With `prior`, the second half of the batch holds class images:
+    their loss, times prior_loss_weight, is added (DreamBooth's prior preservation). Two text encoders: SDXL."""
+    import torch
+    import torch.nn.functional as F
+
+    if "latents" in batch:  # cached: encoded once, before training
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+    with torch.set_grad_enabled(config.train_text_encoder):
+        encoder_hidden_states, pooled = encode_prompts(batch["captions"], text_encoders, tokenizers, device)
+    noise = torch.randn_like(latents)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    extra = {}
+    if pooled is not None:
+        extra["added_cond_kwargs"] = {"text_embeds": pooled,
+                                      "time_ids": time_ids(batch, device, encoder_hidden_states.dtype)}
+    prediction = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.min_snr_gamma:
+        ratio = snr(noise_scheduler, timesteps)
+        weights = torch.clamp(ratio, max=config.min_snr_gamma) / ratio
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            weights = weights * ratio / (ratio + 1)
+        per_example = per_example * weights
+    if not prior:
+        return per_example.mean()
+    instance, class_part = per_example.chunk(2)
+    return instance.mean() + config.prior_loss_weight * class_part.mean()
+
+
+# ---------------------------------------------------------------------------------------------------- the loss log
+
+def read_losses(run_dir: Path, step: int, rewrite: bool = True) -> list[float]:
+    """The logged losses of the steps a resumed run keeps; with `rewrite`, rows past its checkpoint are dropped from
+    the file too (the main process does that; the others only read)."""
+    path = Path(run_dir) / "loss.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    kept = [value for s, value in rows if s <= step]
+    if rewrite:
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "loss"])
+            writer.writerows(enumerate(kept, 1))
+    return kept
+
+
+def append_loss(run_dir: Path, step: int, value: float) -> None:
+    path = Path(run_dir) / "loss.csv"
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "loss"])
+        writer.writerow([step, f"{value:.6f}" if math.isfinite(value) else value])
+
+
+def plot_losses(run_dir: Path, values: list[float]) -> Path:
+    """loss.png in the run folder (a Figure without pyplot: a notebook's own plotting backend stays as it is)."""
+    from matplotlib.figure import Figure
+
+    from .. import storage
+
+    figure = Figure(figsize=(6, 3))
+    axes = figure.subplots()
+    axes.plot(range(1, len(values) + 1), values)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    figure.tight_layout()
+    path = Path(run_dir) / "loss.png"
+    with storage.atomic_open(path) as f:
+        figure.savefig(f, format="png")
+    return path
