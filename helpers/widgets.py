@@ -334,3 +334,64 @@ class InpaintPanel(w.VBox):
             return
         self.gallery.children = [w.Image(value=_png(im), format="png") for im in self.result.images]
         self.status.value = f"<p>seed {self.result.seeds[0]}; saved {html.escape(str(self.result.save()[0]))}</p>"
+
+
+class BenchmarkPanel(w.VBox):
+    """Models, steps, size, prompts, seed, shape-true and quality switches; Run calls bench.run_benchmark and
+    bench.write_results and shows the table, the plots and one grid a prompt."""
+
+    MODELS = ("sd15", "sdxl", "sd3-medium", "flux-schnell", "flux-dev")
+
+    def __init__(self, models=("sd15", "sdxl"), out=None):
+        self.out, self.result, self.files = out, None, {}
+        self.models = w.SelectMultiple(options=tuple(dict.fromkeys([*self.MODELS, *models])), value=tuple(models),
+                                       description="Models", rows=5)
+        self.steps = w.IntSlider(value=0, min=0, max=50, description="Steps (0: each model's usual)",
+                                 style={"description_width": "initial"})
+        self.size = w.Dropdown(options=[("native", 0), ("512", 512), ("768", 768), ("1024", 1024)], value=0,
+                               description="Size")
+        self.prompts = w.Textarea(placeholder="one prompt a line; empty: the 12 PartiPrompts of assets/prompts",
+                                  layout=w.Layout(width="100%"))
+        self.seed = w.IntText(value=0, description="Seed")
+        self.shape_true = w.Checkbox(value=False, description="shape-true (random weights: speed and memory only)")
+        self.quality = w.Checkbox(value=True, description="CLIP score")
+        self.run_button = w.Button(description="Run", button_style="primary")
+        self.table = w.HTML()
+        self.plots = w.HBox()
+        self.grids = w.VBox()
+        self.status = w.HTML()
+        self.run_button.on_click(lambda _: self.run())
+        super().__init__([w.HBox([self.models, w.VBox([self.steps, self.size, self.seed])]), self.prompts,
+                          w.HBox([self.shape_true, self.quality]), self.run_button, self.status, self.table,
+                          self.plots, self.grids])
+
+    def settings(self) -> list[dict]:
+        setting = {"num_inference_steps": self.steps.value or None, "size": self.size.value or None}
+        return [{k: v for k, v in setting.items() if v is not None}]
+
+    def run(self) -> None:
+        from . import bench
+        from .bench import report
+
+        prompts = [line.strip() for line in self.prompts.value.splitlines() if line.strip()] or None
+        self.status.value = "<p>running...</p>"
+        try:
+            self.result = bench.run_benchmark(list(self.models.value), prompts=prompts, seed=self.seed.value,
+                                              settings=self.settings(), shape_true=self.shape_true.value,
+                                              quality=self.quality.value)
+            self.files = bench.write_results(self.result, self.out)
+        except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+            self.status.value = _error(e)
+            return
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(report.cell_text(r, key))}</td>"
+                                        for _, key in report.TABLE) + "</tr>" for r in self.result.rows)
+        head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in report.TABLE)
+        self.table.value = f"<table><tr>{head}</tr>{rows}</table>"
+        self.plots.children = [w.Image(value=Path(self.files[k]).read_bytes(), format="png")
+                               for k in ("speed_plot", "quality_plot") if k in self.files]
+        self.grids.children = [w.VBox([w.HTML(f"<p>{i}. {html.escape(p)}</p>"),
+                                       w.Image(value=path.read_bytes(), format="png")])
+                               for i, (p, path) in enumerate(zip(self.result.prompts, self.files["grids"]))]
+        note = self.result.meta["note"]
+        self.status.value = (f"<p>{html.escape(note)}. " if note else "<p>") + \
+            f"Results in {html.escape(str(self.files['markdown'].parent))}</p>"

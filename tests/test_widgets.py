@@ -153,3 +153,32 @@ def _mask_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (64, 64), 0).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """On 2 shared cores, 2 OpenMP threads competing with other processes made the tiny models 10-40x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_panel_runs_the_harness_and_shows_table_plots_grids(tmp_path, one_torch_thread):
+    panel = widgets.BenchmarkPanel(out=tmp_path / "bench")
+    panel.models.value = ("sd15",)
+    panel.steps.value, panel.size.value, panel.seed.value = 2, 512, 5  # SMOKE MODE caps the size to 64
+    panel.prompts.value = "a red cat\n\na blue box\n"
+    panel.quality.value = False
+    panel.run_button.click()
+    assert panel.result.prompts == ["a red cat", "a blue box"] and panel.result.seeds == [5, 6]
+    (row,) = panel.result.rows
+    assert (row["model"], row["steps"], row["width"], row["clip_score"]) == ("sd15", 2, 64, None)
+    assert "<td>sd15</td>" in panel.table.value and "Results in" in panel.status.value
+    assert len(panel.plots.children) == 1 and len(panel.grids.children) == 2  # no quality plot without scores
+    assert (tmp_path / "bench" / "results.csv").is_file()
+    panel.models.value = ()
+    panel.run_button.click()
+    assert "`models` is empty" in panel.status.value

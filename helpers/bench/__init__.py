@@ -1,6 +1,9 @@
-"""What the benchmarks in bench/ share: the machine they ran on, the library versions, peak memory.
+"""Benchmarks: what the scripts in bench/ share (the machine they ran on, the library versions, peak memory), and
+the model benchmark harness of notebook 08 and `python -m helpers bench`:
 
-(The benchmark issue grows this into the harness: warm-ups, synchronisation, tables and plots.)
+    harness   run_benchmark: the same prompts and seeds through each model; load time, time to first image, median
+              seconds per image, it/s, peak VRAM and RAM, CLIP score (and FID/KID against a reference set)
+    report    write_results: CSV, JSON, a Markdown table, plots (speed vs memory, quality) and an image grid per prompt
 """
 import importlib.metadata
 import os
@@ -9,7 +12,7 @@ import resource
 import shlex
 import sys
 
-from . import runtime
+from .. import runtime
 
 MIB = 2**20
 
@@ -43,3 +46,10 @@ def command_line(script: str, argv=None) -> str:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "HELPERS_TINY") if os.environ.get(k))
     args = sys.argv[1:] if argv is None else argv
     return " ".join(filter(None, [env, "python", shlex.join([sys.argv[0] if argv is None else script, *args])]))
+
+
+from .harness import SHAPE_TRUE_NOTE, BenchResult, load_prompts, run_benchmark  # noqa: E402
+from .report import image_grid, markdown_table, write_results  # noqa: E402
+
+__all__ = ["BenchResult", "SHAPE_TRUE_NOTE", "command_line", "image_grid", "load_prompts", "machine", "markdown_table",
+           "peak_rss_mib", "run_benchmark", "versions", "write_results"]
