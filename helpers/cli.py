@@ -8,14 +8,18 @@
     python -m helpers generate "PROMPT" [--negative ...] [--sampler NAME] [--steps N] [--seed S] [--out DIR]
     python -m helpers inpaint IMAGE MASK "PROMPT" [--strength 0.75] [--only-masked] [--out DIR]
     python -m helpers train-lora CONFIG.json [--set KEY=VALUE ...] [--steps N]
-                                                 train (or resume) a LoRA from the config a notebook wrote
+                                                 train (or resume) a LoRA (SD 1.5 or SDXL; use_dora) from the config
+                                                 a notebook wrote; several GPUs: accelerate launch --multi_gpu
+                                                 --num_processes 2 -m helpers train-lora CONFIG.json
     python -m helpers dreambooth CONFIG.json [--set KEY=VALUE ...] [--steps N]
-                                                 the same for a LoRA-DreamBooth run (needs instance_prompt)
+                                                 the same for a DreamBooth run (needs instance_prompt; LoRA, or
+                                                 --set method=full for the whole UNet)
+    python -m helpers plan MODEL [--gpu t4|l4|a100-40|a100-80|cpu] [--resolution 1024] [--batch 1]
+                                                 what MODEL needs and whether (and how) it fits that GPU
+    python -m helpers bench [--models sd15 sdxl ...] [--shape-true] [--steps N] [--size PX] [--out DIR]
+                                                 the same prompts and seeds through each model: speed, memory, quality
 """
 import argparse
-import importlib.metadata
-import importlib.util
-import os
 import socket
 import sys
 import time
@@ -24,97 +28,16 @@ from urllib.parse import urlparse
 
 from . import runtime, smoke, storage
 
-DIST = "llava-sd-notebooks"
 DEMO_SD, DEMO_LLAVA = "sd15", "llava-1.6-mistral-7b"
 CAPTION_STYLES = ("short", "detailed", "tags")  # helpers.captions.STYLES, named here to keep the CLI start light
 
 
 # --- doctor ----------------------------------------------------------------------------------------------------------
 
-def version_findings() -> list[str]:
-    """Installed versions of our dependencies that fall outside the ranges in pyproject.toml."""
-    from packaging.requirements import Requirement
-
-    try:
-        requires = importlib.metadata.requires(DIST) or []
-    except importlib.metadata.PackageNotFoundError:
-        return [f"the {DIST} package is not installed: run `bash colab_setup.sh` in the project folder"]
-    findings = []
-    for line in requires:
-        req = Requirement(line)
-        if req.marker and not req.marker.evaluate({"extra": ""}):
-            continue
-        try:
-            have = importlib.metadata.version(req.name)
-        except importlib.metadata.PackageNotFoundError:
-            findings.append(f"{req.name} is missing (tested: {req.specifier}): run `bash colab_setup.sh`")
-            continue
-        if req.specifier and not req.specifier.contains(have, prereleases=True):
-            findings.append(f"{req.name} {have} is outside the tested range {req.specifier}: "
-                            f"pip install '{req.name}{req.specifier}'")
-    return findings
-
-
-def runtime_findings(profile: runtime.Profile) -> list[str]:
-    """Known problems of this runtime, each with its fix."""
-    findings = []
-    if profile.device == "cpu":
-        findings.append("no GPU: the real models need one. On Colab: Runtime > Change runtime type > T4 GPU. "
-                        "Here, HELPERS_TINY=1 runs everything on tiny offline models")
-    if profile.device == "cuda":
-        import torch
-
-        if torch.cuda.is_bf16_supported() and not profile.native_bf16:
-            findings.append(f"torch says bf16 is supported on this {profile.gpu_name} (cc "
-                            f"{'.'.join(map(str, profile.compute_capability))}), but it is emulated and slow: the "
-                            "helpers use fp16 here; do not pass dtype=torch.bfloat16")
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as e:
-            findings.append(f"bitsandbytes does not load ({type(e).__name__}: {e}): 4-bit LLaVA needs it: "
-                            "pip install 'bitsandbytes==0.50.2'")
-    if importlib.util.find_spec("torchvision") is not None:
-        try:
-            import torchvision  # noqa: F401
-        except Exception as e:
-            findings.append(f"torchvision is installed but broken ({type(e).__name__}: {str(e)[:80]}), which breaks "
-                            "transformers' image processors: pip uninstall -y torchvision, or install the "
-                            "torchvision built for your torch")
-    if profile.ram_gb and profile.ram_gb < 16:
-        findings.append(f"RAM {profile.ram_gb:.1f} GB: load models straight to the GPU (the helpers do) and one "
-                        "large model at a time; free each before loading the next")
-    if profile.platform == "colab" and not Path("/content/drive/MyDrive").is_dir():
-        findings.append("Google Drive is not mounted: outputs are lost at disconnect. Run helpers.setup() (it "
-                        "mounts Drive) or helpers.mount_drive()")
-    return findings
-
-
-def hub_line() -> str:
-    from huggingface_hub import get_token
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    token = "a token is set" if get_token() else ("no token (gated models such as sd3-medium and flux-dev need one: "
-                                                  "the Colab secret HF_TOKEN or the HF_TOKEN variable)")
-    return f"hub: {'offline (HF_HUB_OFFLINE=1)' if offline else 'online'}; {token}"
-
-
 def doctor(args) -> int:
-    profile = runtime.detect_profile()
-    print(runtime.describe(profile, f"files {storage.project_root()}"))
-    versions = []
-    for dist in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub",
-                 "safetensors", "ipywidgets"):
-        try:
-            versions.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{dist} (missing)")
-    print("versions: " + ", ".join(versions))
-    print(hub_line())
-    findings = version_findings() + runtime_findings(profile)
-    for finding in findings:
-        print(f"  [!] {finding}")
-    print(f"{len(findings)} finding(s)." if findings else "No known problems found.")
-    return 0
+    from . import doctor as checks  # each check, with its fix and TROUBLESHOOTING.md anchor, is in helpers/doctor.py
+
+    return checks.report(getattr(args, "model", None))
 
 
 # --- demo ----------------------------------------------------------------------------------------------------------
@@ -286,11 +209,14 @@ def _train(config, progress: bool) -> int:
         print("resume point: none, a new run")
     result = loop.train_lora(config, progress=progress)
     print(f"steps done: {result.steps}")
-    if not result.lora_path.is_file():
-        print(f"error: the run stopped at step {result.steps} without writing its LoRA; run the same command again "
+    what = "model" if config.method == "full" else "lora"
+    if not result.output.exists():
+        print(f"error: the run stopped at step {result.steps} without writing its {what}; run the same command again "
               "to resume.", file=sys.stderr)
         return 1
-    print(f"lora: {result.lora_path}")
+    print(f"{what}: {result.output}")
+    if result.single_file:
+        print(f"A1111 checkpoint: {result.single_file}")
     return 0
 
 
@@ -331,11 +257,62 @@ def _sd_arguments(p, model: str) -> None:
     p.add_argument("--out", help="output folder (default: the project's outputs/<task>)")
 
 
+# --- plan ------------------------------------------------------------------------------------------------------------
+
+def plan(args) -> int:
+    from . import planner
+
+    print(planner.describe(planner.plan(args.model, args.gpu, resolution=args.resolution, batch=args.batch)))
+    return 0
+
+
+# --- bench -----------------------------------------------------------------------------------------------------------
+
+def _bench_argv(args) -> list[str]:
+    """The bench options that were set, as a command line (for the report: how to repeat the run)."""
+    argv = ["--models", *args.models] + ["--shape-true"] * args.shape_true + ["--no-quality"] * (not args.quality)
+    for flag, value, default in (("--steps", args.steps, None), ("--size", args.size, None), ("--seed", args.seed, 0),
+                                 ("--warmup", args.warmup, 1), ("--prompts", args.prompts, None),
+                                 ("--reference", args.reference, None), ("--vram-cap", args.vram_cap, None),
+                                 ("--out", args.out, None)):
+        argv += [flag, str(value)] if value != default else []
+    return argv
+
+
+def bench(args) -> int:
+    from . import bench as harness
+
+    if not smoke.is_tiny() and not args.shape_true and runtime.detect_profile().device != "cuda":
+        print("SMOKE MODE: no CUDA GPU here, so the benchmark runs on tiny random-weight models (its figures are the "
+              "cost of the code path; --shape-true measures the real-size architectures with random weights).")
+        smoke.use_tiny()
+    elif smoke.is_tiny():
+        print(f"SMOKE MODE: {smoke.NOISE_NOTICE}.")
+    setting = {k: v for k, v in (("num_inference_steps", args.steps), ("size", args.size)) if v is not None}
+    result = harness.run_benchmark(args.models, prompts=harness.load_prompts(args.prompts) if args.prompts else None,
+                                   seed=args.seed, settings=[setting], warmup=args.warmup, shape_true=args.shape_true,
+                                   quality=args.quality, reference=args.reference,
+                                   command=harness.command_line("-m", ["helpers", "bench", *_bench_argv(args)]),
+                                   vram_cap_gib=args.vram_cap)
+    files = harness.write_results(result, args.out)
+    print(harness.markdown_table(result.rows))
+    for key in ("markdown", "csv", "json", "speed_plot", "quality_plot"):
+        if key in files:
+            print(f"{key}: {files[key]}")
+    if files["grids"]:
+        print(f"grids: {files['grids'][0].parent} ({len(files['grids'])} prompts)")
+    failed = [r["model"] for r in result.rows if r["error"]]
+    if failed:
+        print(f"error: {', '.join(failed)} failed (the reason is in the results and above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="check the runtime, versions, GPU, Drive; known problems with their fixes")
+    p = sub.add_parser("doctor", help="check the runtime, versions, GPU, Drive; known problems with their fixes")
+    p.add_argument("--model", help="also check RAM and hub token for this catalogue model, e.g. sd3-medium")
     p = sub.add_parser("demo", help="generate an image with SD 1.5 and describe it with LLaVA 1.6 "
                                     "(tiny offline models where there is no GPU or hub)")
     p.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset, soft light")
@@ -375,8 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--padding", type=int, default=32)
     _sd_arguments(p, "sd15-inpaint")
     for name, text in (("train-lora", "train (or resume) a LoRA from a config.json of TrainConfig fields"),
-                       ("dreambooth", ("train (or resume) a LoRA-DreamBooth run from a config.json with "
-                                       "instance_prompt (and class_prompt for prior preservation)"))):
+                       ("dreambooth", ("train (or resume) a DreamBooth run (LoRA, or method=full) from a "
+                                       "config.json with instance_prompt (and class_prompt for prior preservation)"))):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="the config.json (the notebook writes one into the run folder), or that folder")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -385,11 +362,30 @@ def main(argv=None) -> int:
         p.add_argument("--steps", type=int, help="the total number of training steps (same as --set "
                                                  "max_train_steps=N)")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p = sub.add_parser("plan", help="what a catalogue model needs (weights, activations, RAM) and how it fits a GPU")
+    p.add_argument("model", help="a catalogue name, e.g. sdxl or llava-1.6-mistral-7b")
+    p.add_argument("--gpu", default="t4", choices=["t4", "l4", "a100-40", "a100-80", "cpu"])
+    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's native size)")
+    p.add_argument("--batch", type=int, default=1, help="images at once")
+    p = sub.add_parser("bench", help="benchmark models on the same prompts and seeds: speed, VRAM, RAM, CLIP score")
+    p.add_argument("--models", nargs="+", default=["sd15", "sdxl"], help="catalogue names, hub ids or folders")
+    p.add_argument("--shape-true", action="store_true", help="real-size architectures with random weights: speed and "
+                                                            "memory only, no download")
+    p.add_argument("--steps", type=int, help="denoising steps (default: each model's usual)")
+    p.add_argument("--size", type=int, help="square image side in pixels (default: each model's native size)")
+    p.add_argument("--prompts", help="a .tsv/.csv with a Prompt column or a .txt (default: assets/prompts)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i gets seed + i, for every model")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs after each load")
+    p.add_argument("--no-quality", dest="quality", action="store_false", help="skip the CLIP score")
+    p.add_argument("--reference", help="a folder of reference images: adds FID and KID against it")
+    p.add_argument("--vram-cap", type=float, help="cap CUDA memory at this many GiB (15: a T4 on a larger GPU)")
+    p.add_argument("--out", help="results folder (default: the project's outputs/bench/<date-time>)")
     args = parser.parse_args(argv)
     runtime.quiet_logging()
     try:
         commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
-                    "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth}
+                    "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth, "plan": plan,
+                    "bench": bench}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message says what to do, no traceback
         print(f"error: {e}", file=sys.stderr)

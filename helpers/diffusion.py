@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import images as imaging
-from . import smoke, storage
+from . import oom, smoke, storage
 
 MAX_SEED = 2**32 - 1
 TASK_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
@@ -132,7 +132,8 @@ def _check_finite(array, nsfw, pipe, first_index: int) -> None:
                    "run the VAE in float32 (pipe.vae.to(torch.float32)), lower the CFG scale, or load the model "
                    "in bfloat16 where the GPU has it (Ampere or newer).")
             raise FloatingPointError(f"image {first_index + i} came out NaN or black ({dtype}). In half precision "
-                                     f"this is an overflow, usually in the VAE. Fix: {fix}")
+                                     f"this is an overflow, usually in the VAE. Fix: {fix} "
+                                     "See TROUBLESHOOTING.md#nan-images")
 
 
 def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: int = 25, guidance_scale: float = 7.0,
@@ -179,8 +180,11 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
 
     steps = smoke.cap("steps", num_inference_steps)
     if image is not None and int(steps * strength) < 1:
+        needed = 1 / strength  # inf for a denormal strength (found by tests/test_properties.py)
+        fix = (f"raise the steps to at least {int(needed) + 1} or the strength" if needed < 500
+               else f"raise the strength to at least {1 / steps:g}")
         raise ValueError(f"`strength` {strength} x {steps} steps leaves no denoising step (diffusers runs "
-                         f"int(steps x strength)): raise the steps to at least {int(1 / strength) + 1} or the strength.")
+                         f"int(steps x strength)): {fix}.")
     total = smoke.cap("images", num_images_per_prompt * batch_count)
     per_batch = min(num_images_per_prompt, total)
     if image is not None:
@@ -200,13 +204,19 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
         inpaint = _prepare_inpaint(image, mask_image, (width, height), mask_blur, invert_mask, inpaint_area, padding)
         call.update(image=inpaint["image"], mask_image=inpaint["mask"], strength=strength)
 
-    images = []
-    for start in range(0, total, per_batch):
-        batch_seeds = seeds[start:start + per_batch]
-        out = work(**call, num_images_per_prompt=len(batch_seeds), output_type="np",
-                   generator=[torch.Generator("cpu").manual_seed(s) for s in batch_seeds])
+    images, start, ladder = [], 0, oom.Ladder(work, call, per_batch, (width, height))
+    while start < total:
+        batch_seeds = seeds[start:start + ladder.per_batch]
+        try:
+            out = work(**call, num_images_per_prompt=len(batch_seeds), output_type="np",
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in batch_seeds])
+        except Exception as e:  # out of memory: the next rung of the ladder (helpers/oom.py); else raised as it was
+            ladder.step_down(e)
+            continue
         _check_finite(out.images, getattr(out, "nsfw_content_detected", None), work, start)
         images += work.numpy_to_pil(np.clip(out.images, 0, 1))
+        start += len(batch_seeds)
+    width, height = ladder.size  # smaller than asked where the ladder had to lower it (it said so)
     if task == "inpaint" and (keep_unmasked or inpaint_area == "only_masked"):
         from . import masks
 

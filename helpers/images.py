@@ -67,6 +67,8 @@ def _to_rgb(im):
 
     im.load()  # decode every pixel now, so that a truncated file raises here instead of coming out half grey
     im = ImageOps.exif_transpose(im)  # always a new image: the caller's stays as it was
+    if im.mode == "La":  # PIL's premultiplied LA converts to nothing else (found by tests/test_properties.py)
+        im = im.convert("LA")
     if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grey: convert("RGB") would clip all above 255 to white
         import numpy as np
 
@@ -116,16 +118,24 @@ def list_images(folder, recursive: bool = True) -> list[Path]:
 
 def save_image(image, folder, parameters: str | None = None, label: str = "") -> Path:
     """Save `image` as the next numbered PNG in `folder` (never overwriting), atomically, with `parameters` in the
-    PNG "parameters" text chunk that A1111 and its readers use. Returns the path."""
+    PNG "parameters" text chunk that A1111 and its readers use. Returns the path (where Drive fails: the path in the
+    local fallback it went to, see storage.atomic_write)."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    path = storage.next_free_path(folder, ".png", label)
-    with storage.atomic_open(path, "wb") as f:
-        image.save(f, format="PNG", pnginfo=info)
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    try:
+        path = storage.next_free_path(folder, ".png", label)
+    except OSError as e:  # the folder cannot even be listed (Drive gone): numbered among the local fallback's files
+        path = storage.next_free_path(storage.fallback_path(folder), ".png", label)
+        print(f"Cannot use {folder} ({e}): saving to {path} on this machine's disk instead (lost when the session "
+              "ends; see TROUBLESHOOTING.md#drive-write-fails).")
+    return storage.atomic_write(path, buffer.getvalue())
 
 
 def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:

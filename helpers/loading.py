@@ -10,12 +10,51 @@ SD_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipeline
 QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
 
 
+def _damaged_files(source) -> list[str]:
+    """The .safetensors files of a local model folder whose header cannot be read (cut short, or not safetensors)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    damaged = []
+    for path in sorted(Path(source).rglob("*.safetensors")) if Path(source).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:  # SafetensorError, or an OSError of the file itself
+            damaged.append(str(path))
+    return damaged
+
+
 def _load_error(resolved, error: Exception) -> OSError:
+    from pathlib import Path
+
+    from huggingface_hub.errors import GatedRepoError
+    from safetensors import SafetensorError
+
     spec = resolved.spec
-    gated = (f" {spec.name} is gated: accept its licence on its hub page, then add your token as the Colab secret "
-             "HF_TOKEN (key icon on the left) or set the HF_TOKEN environment variable.") if spec and spec.gated else ""
-    return OSError(f"Could not load {resolved.source!r}: {str(error).rstrip('.')}.{gated} Without network access, run with "
-                   "HELPERS_TINY=1 to use the tiny offline models; `python -m helpers doctor` checks the rest.")
+    damaged = _damaged_files(resolved.source)
+    if damaged or isinstance(error, SafetensorError):
+        return OSError(f"Could not load {resolved.source!r}: {', '.join(map(repr, damaged)) or 'a weights file'} is "
+                       f"damaged, cut short or not a safetensors file ({type(error).__name__}: {error}). Delete it and "
+                       "download or copy it again (a hub download: `hf cache delete`, then load again). See "
+                       "TROUBLESHOOTING.md#corrupt-safetensors")
+    pickles = sorted(str(p) for p in Path(resolved.source).rglob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth")) \
+        if Path(resolved.source).is_dir() else []
+    if pickles and "safetensors" in str(error):
+        return OSError(f"Could not load {resolved.source!r}: its weights are pickle files ({', '.join(pickles[:3])}), "
+                       "which can run any code their author put in them; only safetensors are loaded. If you trust "
+                       "the source, convert it once: DiffusionPipeline.from_pretrained(folder, use_safetensors=False)"
+                       ".save_pretrained(new_folder) writes safetensors. See TROUBLESHOOTING.md#pickle-refused")
+    unauthorised = isinstance(error, GatedRepoError) or getattr(getattr(error, "response", None), "status_code",
+                                                                None) == 401
+    gated = (f" {spec.name if spec and spec.gated else resolved.source + ' is private or'} is gated: accept its "
+             "licence on its hub page, then add your token as the Colab secret HF_TOKEN (key icon on the left, with "
+             "notebook access) or set the HF_TOKEN environment variable (TROUBLESHOOTING.md#gated-model)."
+             if (spec and spec.gated) or unauthorised else "")
+    return OSError(f"Could not load {resolved.source!r}: {str(error).rstrip('.')}.{gated} Without network access, "
+                   "run with HELPERS_TINY=1 to use the tiny offline models; `python -m helpers doctor` checks the rest "
+                   "(TROUBLESHOOTING.md#load-failed).")
 
 
 def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runtime.Profile | None = None):
@@ -27,14 +66,14 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
     if resolved.family == "llava_next":
         raise ValueError(f"{name!r} is a LLaVA model: load it with load_llava({name!r}).")
     import diffusers
+    from safetensors import SafetensorError
     import torch
 
     profile = profile or runtime.detect_profile()
     dtype = dtype or runtime.pick_dtype(profile)
     placement = profile.device
     if resolved.spec is not None and not resolved.tiny:  # say it before a download of many GB, not after
-        placement = memory.sd_placement(resolved.spec.name, resolved.spec.params_b, str(dtype).split(".")[-1],
-                                        profile)
+        placement = memory.sd_placement(resolved.spec.name, str(dtype).split(".")[-1], profile)
     kwargs = {"dtype": dtype, "use_safetensors": True}
     if resolved.revision:
         kwargs["revision"] = resolved.revision
@@ -42,9 +81,10 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
         kwargs["variant"] = "fp16"
     try:
         if resolved.family == "sdxl" and dtype == torch.float16 and not resolved.tiny:
-            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype)
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype,
+                                                                    use_safetensors=True)
         pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(resolved.source, **kwargs)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # not found, gated, or a damaged weights file
         raise _load_error(resolved, e) from e
     pipe._helpers_model_name = name  # what the PNG parameters call it
     if placement == "model_offload":
@@ -58,13 +98,12 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
 
 
 def choose_quantization(resolved, profile: runtime.Profile) -> str:
-    """"none" where the 16-bit weights fit in VRAM with headroom, else "4bit" (nf4: on a T4 that is every LLaVA;
-    bitsandbytes' 8-bit is slower than nf4, so it is never the automatic choice). Always "none" on CPU and for the
-    tiny models."""
+    """"none" where the 16-bit weights, KV cache and activations fit in VRAM (helpers.planner), else "4bit" (nf4: on
+    a T4 that is every LLaVA; bitsandbytes' 8-bit is slower than nf4, so it is never the automatic choice). Always
+    "none" on CPU and for the tiny models."""
     if profile.device != "cuda" or resolved.tiny or resolved.spec is None:
         return "none"
-    need = memory.weights_gib(resolved.spec.params_b, profile.dtype_name) + memory.ACTIVATION_HEADROOM_GIB
-    return "none" if need <= profile.vram_gb else "4bit"
+    return memory.choose_quantization(resolved.spec.name, profile)
 
 
 def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", profile: runtime.Profile | None = None):
@@ -76,6 +115,7 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
     resolved = registry.resolve(name, task="vlm")
     if resolved.family not in ("llava_next", None):
         raise ValueError(f"{name!r} is a {resolved.family} image generator: load it with load_sd({name!r}).")
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditionalGeneration
 
     profile = profile or runtime.detect_profile()
@@ -83,8 +123,7 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
     if quantization == "auto":
         quantization = choose_quantization(resolved, profile)
     if resolved.spec is not None and not resolved.tiny:  # say it before a 15 GB download, not after
-        memory.check_fits(resolved.spec.name, resolved.spec.params_b,
-                          profile.dtype_name if quantization == "none" else quantization, profile)
+        memory.check_fits(resolved.spec.name, profile.dtype_name if quantization == "none" else quantization, profile)
     kwargs = {"dtype": dtype, "revision": resolved.revision, "use_safetensors": True}
     if profile.device == "cuda":
         kwargs["device_map"] = {"": 0}
@@ -97,7 +136,7 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
     try:
         model = LlavaNextForConditionalGeneration.from_pretrained(resolved.source, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(resolved.source, revision=resolved.revision)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # not found, gated, or a damaged weights file
         raise _load_error(resolved, e) from e
     if profile.device == "mps":
         model = model.to("mps")

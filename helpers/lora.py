@@ -4,6 +4,7 @@
 The pipeline remembers its LoRAs and their scales (`active_loras`), so that the PNG parameters can name them.
 """
 import re
+import warnings
 from pathlib import Path
 
 from . import storage
@@ -17,7 +18,7 @@ _DRIVE_ID = re.compile(r"(?:/file/d/|[?&]id=)([\w-]{10,})")
 def _pickle_refusal(path) -> ValueError:
     return ValueError(f"{str(path)!r} is a pickle file ({Path(path).suffix}): loading one can run any code its "
                       "author put in it. Use the .safetensors version of this LoRA, or pass allow_pickle=True if you "
-                      "trust where it came from.")
+                      "trust where it came from. See TROUBLESHOOTING.md#pickle-refused")
 
 
 def fetch(source: str, allow_pickle: bool = False, folder=None) -> Path:
@@ -61,8 +62,11 @@ def fetch(source: str, allow_pickle: bool = False, folder=None) -> Path:
     else:
         raise FileNotFoundError(f"No LoRA at {source!r}: pass a file path, a hub id ('owner/name') or a public "
                                 "Google Drive link.")
-    if local.is_file() and local.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise _pickle_refusal(local)
+    if local.is_file() and local.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise _pickle_refusal(local)
+        warnings.warn(f"Loading the pickle file {str(local)!r} (allow_pickle=True): it can run any code its author put "
+                      "in it. Prefer a .safetensors version.", UserWarning, stacklevel=3)
     if local.is_file() and local.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
         raise ValueError(f"{str(local)!r} is neither a .safetensors file nor a known checkpoint format.")
     return local
@@ -80,13 +84,18 @@ def _weights_file(path: Path) -> Path:
 def cross_attention_width(path: Path) -> int | None:
     """The cross-attention width a LoRA was trained for, read from the shapes of its attn2 key/value weights (the
     tensors themselves are not loaded). None for a LoRA that does not touch cross-attention."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(_weights_file(path)), framework="pt") as f:
-        for key in f.keys():
-            if ("attn2" in key and ("to_k" in key or "to_v" in key) and any(t in key for t in ("lora_A", "lora_down", "lora.down"))
-                    and key.endswith("weight")):
-                return int(f.get_slice(key).get_shape()[1])
+    file = _weights_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if ("attn2" in key and ("to_k" in key or "to_v" in key) and key.endswith("weight")
+                        and any(t in key for t in ("lora_A", "lora_down", "lora.down"))):
+                    return int(f.get_slice(key).get_shape()[1])
+    except SafetensorError as e:  # a download cut short, or another format renamed .safetensors
+        raise ValueError(f"{str(file)!r} is damaged, cut short or not a safetensors file ({e}): download or copy it "
+                         "again. See TROUBLESHOOTING.md#corrupt-safetensors") from e
     return None
 
 

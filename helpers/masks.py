@@ -92,6 +92,8 @@ def _to_l(im) -> Image.Image:
 
     if im.mode == "L":
         return im.copy()
+    if im.mode == "La":  # PIL's premultiplied LA converts to nothing else (found by tests/test_properties.py)
+        im = im.convert("LA")
     if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grey: convert("L") would clip all above 255 to white
         return Image.fromarray((np.asarray(im).clip(0, 65535) / 257).round().astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:

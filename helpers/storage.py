@@ -6,6 +6,7 @@ same folder, flushed to disk, then renamed over the target in one step, so a cra
 import contextlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ _root: Path | None = None              # set by mount_drive()
 ASSETS = Path(__file__).resolve().parents[1] / "assets"   # the sample files that ship with the project
 # The machine's own disk, for what cannot be written to Drive (kept only as long as the session)
 LOCAL_FALLBACK = Path(tempfile.gettempdir()) / f"{PROJECT}-fallback"
+WRITE_RETRY_DELAYS_S = (1, 5)   # waits between tries of a file write that failed (Drive hiccups), before the fallback
 
 
 @dataclass(frozen=True)
@@ -98,15 +100,44 @@ def atomic_open(path, mode: str = "wb", encoding: str | None = None):
     fsync_dir(path.parent)
 
 
-def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
-    """Write `data` to `path` atomically (see atomic_open). Returns the path."""
+def _write_once(path, data: bytes | str, encoding: str) -> None:
     if isinstance(data, str):
         with atomic_open(path, "w", encoding=encoding) as f:
             f.write(data)
     else:
         with atomic_open(path, "wb") as f:
             f.write(data)
-    return Path(path)
+
+
+def fallback_path(path) -> Path:
+    """Where a file that cannot be written to `path` goes: the same place under LOCAL_FALLBACK (relative to the
+    project folder where `path` is in it, else its folder's name and its own)."""
+    path = Path(path)
+    try:
+        relative = path.resolve().relative_to(project_root().resolve())
+    except ValueError:
+        relative = Path(path.parent.name, path.name)
+    return LOCAL_FALLBACK / relative
+
+
+def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write `data` to `path` atomically (see atomic_open). A write that fails (Drive gone, disk full) is tried again
+    after WRITE_RETRY_DELAYS_S; if it still fails, the file goes to fallback_path(path) on this machine's disk, with a
+    message saying where. Returns the path the file is at."""
+    for delay in (*WRITE_RETRY_DELAYS_S, None):
+        try:
+            _write_once(path, data, encoding)
+            return Path(path)
+        except OSError as e:
+            error = e
+            if delay is not None:
+                print(f"Writing {path} failed ({e}); trying again in {delay} s.")
+                time.sleep(delay)
+    target = fallback_path(path)
+    _write_once(target, data, encoding)
+    print(f"Could not write {path} ({error}). Saved it to {target} on this machine's disk instead: it is lost when "
+          "the session ends; copy it to Drive once Drive works again (see TROUBLESHOOTING.md#drive-write-fails).")
+    return target
 
 
 def fsync_dir(folder: Path) -> None:
@@ -121,9 +152,11 @@ def fsync_dir(folder: Path) -> None:
 
 def next_free_path(folder, suffix: str, label: str = "") -> Path:
     """`folder/NNNNN[-label]suffix` with the next number after the highest one there (A1111's naming), so a new
-    file never overwrites an earlier one."""
+    file never overwrites an earlier one. Numbers taken in the folder's local fallback (files saved there while Drive
+    failed) count too, so a file that falls back later never overwrites one that fell back before."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[:5]) for p in folder.iterdir() if p.name[:5].isdigit()]
+    numbers = [int(p.name[:5]) for d in {folder, fallback_path(folder)} if d.is_dir() for p in d.iterdir()
+               if p.name[:5].isdigit()]
     n = max(numbers, default=-1) + 1
     return folder / f"{n:05d}{'-' + label if label else ''}{suffix}"
