@@ -136,7 +136,7 @@ def training_oom_error(error: BaseException, config, last_checkpoint=None) -> Ou
     if config.optimizer == "adamw":
         turn_on.append("optimizer='adamw8bit' (8-bit Adam: a quarter of Adam's memory)")
     if not config.cache_latents:
-        turn_on.append("cache_latents=True (the VAE encodes each image once, then leaves the GPU; needs flip_p=0)")
+        turn_on.append("cache_latents=True (the VAE encodes each image once, not at every step; needs flip_p=0)")
     if getattr(config, "train_text_encoder", False):
         turn_on.append("train_text_encoder=False (train the UNet only)")
     kept = (f"The last checkpoint, {last_checkpoint}, is kept: run again and it resumes from there (a new rank or "

@@ -56,13 +56,55 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_path, 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * float("nan") if len(calls) == 4 else loss
 
     monkeypatch.setattr(loop, "_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"The loss became nan at step 3 .*lower `learning_rate`.*"
+    with pytest.raises(FloatingPointError, match=r"The loss became nan at step 4 .*lower `learning_rate`.*"
                                                  r"checkpoint-2, the last good checkpoint"):
         loop.train_lora(config(dataset, tmp_path), progress=False)
     assert [s for s, _ in loop.checkpoints(tmp_path)] == [2]
+
+
+def test_a_blown_up_run_resumes_from_its_last_good_checkpoint_with_a_lower_learning_rate(dataset, tmp_path):
+    """A learning rate of 1e30 from step 3 on: the checkpoint that holds the blown-up weights is set aside (never
+    resumed from, never deleted), and the run started again with the old rate ends as if nothing had happened."""
+    whole = loop.train_lora(config(dataset, tmp_path / "whole", max_train_steps=5, checkpoint_every=1),
+                            progress=False)
+    run = tmp_path / "run"
+    loop.train_lora(config(dataset, run, max_train_steps=5, checkpoint_every=1), stop_after=2, progress=False)
+    blown = config(dataset, run, max_train_steps=5, checkpoint_every=1)
+    blown.learning_rate = 1e30   # past TrainConfig's own check, as an edited config.json would be
+    with pytest.raises(FloatingPointError, match=r"(loss became nan|weights became NaN).*resumes from .*checkpoint-2"):
+        loop.train_lora(blown, progress=False)
+    assert [s for s, _ in loop.checkpoints(run)] == [1, 2]   # none past the blow-up
+    assert all(torch.isfinite(t).all() for p in run.glob("checkpoint-*") for f in p.glob("*.safetensors")
+               for t in load_file(f).values())
+    resumed = loop.train_lora(config(dataset, run, max_train_steps=5, checkpoint_every=1), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 5
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lower_learning_rate_applies_on_resume(dataset, tmp_path, capsys):
+    loop.train_lora(config(dataset, tmp_path, max_train_steps=4, lr_scheduler="linear"), stop_after=2,
+                    progress=False)
+    import torch.optim.lr_scheduler as schedulers
+
+    seen = []   # the learning rate of each scheduler step, read before the step
+
+    original_step = schedulers.LRScheduler.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.optimizer.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schedulers.LRScheduler, "step", recording_step)
+        loop.train_lora(config(dataset, tmp_path, max_train_steps=4, lr_scheduler="linear", learning_rate=1e-4),
+                        progress=False)
+    assert "The learning rate changed since the checkpoint (0.001 -> 0.0001)" in capsys.readouterr().out
+    # linear decay over 4 steps: step 3 runs at half the base rate, step 4 at a quarter: of the NEW base rate
+    assert seen[-2:] == pytest.approx([0.5e-4, 0.25e-4])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -211,7 +253,8 @@ def test_cached_latents_encode_each_image_once_and_resume_exactly(dataset, tmp_p
 
     encodes = []
     real = AutoencoderKL.encode
-    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: encodes.append(len(x)) or real(self, x, *a, **k))
+    monkeypatch.setattr(AutoencoderKL, "encode",
+                        lambda self, x, *a, **k: encodes.append(len(x)) or real(self, x, *a, **k))
     settings = dict(cache_latents=True, flip_p=0.0, max_train_steps=4)
     whole = loop.train_lora(config(dataset, tmp_path / "whole", **settings), progress=False)
     assert encodes == [1, 1, 1]  # three images (repeated 5 times each), each encoded once, none per step
@@ -267,3 +310,24 @@ def test_the_learning_rate_schedule_counts_optimizer_steps_with_gradient_accumul
                                     max_train_steps=4, checkpoint_every=4), progress=False)
     assert result.steps == 4
     assert made[0].get_last_lr()[0] == 0.0   # linear decay ends at the last optimizer step, not half-way
+
+
+def test_out_of_memory_while_training_stops_with_what_to_change(dataset, tmp_path, monkeypatch):
+    from helpers import oom
+
+    real = loop._loss
+    calls = []
+
+    def runs_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_loss", runs_out)
+    with pytest.raises(oom.OutOfMemoryStop, match=r"Out of GPU memory while training.*gradient_accumulation|"
+                                                  r"Out of GPU memory while training.*Turn on") as caught:
+        loop.train_lora(config(dataset, tmp_path, gradient_checkpointing=False), progress=False)
+    assert f"The last checkpoint, {tmp_path / 'checkpoint-2'}, is kept" in str(caught.value)
+    assert "gradient_checkpointing=True" in str(caught.value)
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)

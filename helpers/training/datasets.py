@@ -266,7 +266,9 @@ def prepare_folder(source, dest=None) -> Path:
         return _dataset_root(extract_zip(path, dest))
     if text.startswith(("http://", "https://")):
         name = (_DRIVE_FOLDER.search(text) or _DRIVE_FILE.search(text))
-        dest = Path(dest) if dest is not None else storage.project_paths().datasets / (name.group(1) if name else "drive")
+        if dest is None:
+            dest = storage.project_paths().datasets / (name.group(1) if name else "drive")
+        dest = Path(dest)
         return _dataset_root(_download_drive(text, dest))
     raise FileNotFoundError(f"No dataset at {text!r}: pass a folder of images, a .zip of one, or a public Google Drive "
                             "link (and check that Drive is mounted).")

@@ -7,6 +7,7 @@ so it ends with the same weights. Under `accelerate launch` (or `launch()`, note
 its own share of every epoch's batches (BucketBatchSampler's num_replicas/rank), gradients are averaged by DDP, and
 only the main process writes the loss log, samples and exports.
 """
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -221,10 +222,11 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
         cast_training_params(trained, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    rates = [config.learning_rate] + [config.text_encoder_lr or config.learning_rate] * config.train_text_encoder
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": rates[0]}]
     if config.train_text_encoder:
         groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad],
-                       "lr": config.text_encoder_lr or config.learning_rate})
+                       "lr": rates[1]})
     params = [p for group in groups for p in group["params"]]
     optimizer = _optimizer(config.optimizer, groups, config.learning_rate, profile)
 
@@ -258,59 +260,68 @@ def train_lora(config: TrainConfig, stop_after: int | None = None, progress: boo
         step = resumed_from
         if main:
             print(f"Resuming from {latest} (step {step} of {max_steps}).")
+        # load_state brings back the learning rates the run started with: a rate lowered after a NaN loss (the
+        # usual fix) must win, or the resumed run blows up again
+        changed = _set_base_learning_rates(lr_scheduler, rates)
+        if changed and main:
+            print(f"The learning rate changed since the checkpoint ({changed}): the run goes on with the new one.")
     losses = read_losses(run_dir, step) if main else []
     seen = []   # (step, image paths) of this process: the debugging record of RANK_DUMP_ENV
     updates_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
     bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", disable=not (progress and main))
 
-    while step < max_steps and (stop_after is None or step < stop_after):
-        epoch, done_in_epoch = divmod(step, updates_per_epoch)
-        sampler.set_epoch(epoch)
-        skip = done_in_epoch * config.gradient_accumulation_steps
-        for i, batch in enumerate(loader):
-            if i < skip:  # already trained on before the checkpoint this run resumed from
-                continue
-            if config.instance_prompt:
-                batch["captions"] = [config.instance_prompt] * len(batch["captions"])
-            seen.append((step + 1, list(batch["paths"])))
-            if class_dataset is not None:  # the class examples of this batch: fixed by the step, so resumable
-                n = len(batch["captions"])
-                first = (i * accelerator.num_processes + accelerator.process_index) * n
-                prior = datasets.collate_examples([class_dataset[(first + j) % len(class_dataset)] for j in range(n)])
-                batch = {key: torch.cat([value, prior[key]]) if key == "pixel_values" else value + prior[key]
-                         for key, value in batch.items()}
-            if latents is not None:
-                batch["latents"] = torch.stack([latents[path] for path in batch["paths"]])
-            with accelerator.accumulate(*prepared):
-                loss = _loss(batch, unet, vae, encoders, tokenizers, noise_scheduler, config, accelerator.device,
-                             prior=class_dataset is not None)
-                mean_loss = accelerator.reduce(loss.detach().clone(), "mean").item()  # over the processes
-                if not torch.isfinite(torch.tensor(mean_loss)):
-                    latest = checkpoints(run_dir)[-1][1] if checkpoints(run_dir) else None
-                    raise FloatingPointError(
-                        f"The loss became {mean_loss} at step {step + 1} (learning rate "
-                        f"{lr_scheduler.get_last_lr()[0]:g}): lower `learning_rate` (e.g. by 10x) and run again; it "
-                        f"resumes from {latest or 'the start'}, the last good checkpoint.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(mean_loss)
-            if main:
-                append_loss(run_dir, step, mean_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if step % config.checkpoint_every == 0 or step == max_steps:
-                save_checkpoint(accelerator, run_dir, step, config.keep_checkpoints, shaping)
-            if config.sample_every and (step % config.sample_every == 0 or step == max_steps) and main:
-                _samples(pipe, accelerator, config, resolution, run_dir / "samples" / f"step-{step:06d}")
-            if step >= max_steps or (stop_after is not None and step >= stop_after):
-                break
+    with _explained_oom(config, run_dir):
+        while step < max_steps and (stop_after is None or step < stop_after):
+            epoch, done_in_epoch = divmod(step, updates_per_epoch)
+            sampler.set_epoch(epoch)
+            skip = done_in_epoch * config.gradient_accumulation_steps
+            for i, batch in enumerate(loader):
+                if i < skip:  # already trained on before the checkpoint this run resumed from
+                    continue
+                if config.instance_prompt:
+                    batch["captions"] = [config.instance_prompt] * len(batch["captions"])
+                seen.append((step + 1, list(batch["paths"])))
+                if class_dataset is not None:  # the class examples of this batch: fixed by the step, so resumable
+                    n = len(batch["captions"])
+                    first = (i * accelerator.num_processes + accelerator.process_index) * n
+                    prior = datasets.collate_examples([class_dataset[(first + j) % len(class_dataset)]
+                                                       for j in range(n)])
+                    batch = {key: torch.cat([value, prior[key]]) if key == "pixel_values" else value + prior[key]
+                             for key, value in batch.items()}
+                if latents is not None:
+                    batch["latents"] = torch.stack([latents[path] for path in batch["paths"]])
+                with accelerator.accumulate(*prepared):
+                    loss = _loss(batch, unet, vae, encoders, tokenizers, noise_scheduler, config, accelerator.device,
+                                 prior=class_dataset is not None)
+                    mean_loss = accelerator.reduce(loss.detach().clone(), "mean").item()  # over the processes
+                    if not torch.isfinite(torch.tensor(mean_loss)):
+                        raise _nan_error(f"The loss became {mean_loss} at step {step + 1}", run_dir, lr_scheduler,
+                                         main, bad_step=step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                losses.append(mean_loss)
+                if main:
+                    append_loss(run_dir, step, mean_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                if step % config.checkpoint_every == 0 or step == max_steps:
+                    # a step can blow the weights up while its loss was still finite: such weights never become a
+                    # checkpoint, so the last one stays good to resume from
+                    if not all(torch.isfinite(p).all() for p in params):
+                        raise _nan_error(f"The trained weights became NaN or infinite at step {step}", run_dir,
+                                         lr_scheduler, main)
+                    save_checkpoint(accelerator, run_dir, step, config.keep_checkpoints, shaping)
+                if config.sample_every and (step % config.sample_every == 0 or step == max_steps) and main:
+                    _samples(pipe, accelerator, config, resolution, run_dir / "samples" / f"step-{step:06d}")
+                if step >= max_steps or (stop_after is not None and step >= stop_after):
+                    break
     bar.close()
 
     result = TrainResult(run_dir=run_dir, steps=step, losses=losses, lora_path=None, resumed_from=resumed_from,
@@ -511,6 +522,52 @@ def _mixed_precision(choice: str, profile) -> str:
     if profile.device != "cuda":
         return "no"
     return "bf16" if profile.native_bf16 else "fp16"
+
+
+@contextlib.contextmanager
+def _explained_oom(config, run_dir: Path):
+    """Out of GPU memory while training: stop with what to lower and what to turn on (helpers.oom), keeping the
+    last checkpoint."""
+    from .. import oom
+
+    try:
+        yield
+    except Exception as e:
+        if not oom.is_oom(e):
+            raise
+        latest = checkpoints(run_dir)[-1][1] if checkpoints(run_dir) else None
+        raise oom.training_oom_error(e, config, latest) from e
+
+
+def _nan_error(what: str, run_dir: Path, lr_scheduler, main: bool, bad_step: int | None = None) -> FloatingPointError:
+    """The error a run stops with when its loss or weights are no longer finite. `bad_step`: the step whose weights
+    gave the NaN loss; a checkpoint of that step holds them, so it is set aside (renamed, not deleted) and the resume
+    starts from the one before."""
+    found = checkpoints(run_dir)
+    aside = ""
+    if bad_step is not None and found and found[-1][0] == bad_step:
+        folder = found.pop()[1]
+        if main:
+            folder.rename(folder.with_name(f"{folder.name}-nan"))
+        aside = f" Checkpoint {bad_step} holds the weights that gave it: set aside as {folder.name}-nan."
+    latest = found[-1][1] if found else None
+    return FloatingPointError(
+        f"{what} (learning rate {lr_scheduler.get_last_lr()[0]:g}).{aside} To go on, lower `learning_rate` (e.g. "
+        f"by 10x) and run again: it resumes from {latest or 'the start'}, the last good checkpoint, with the new "
+        "rate. See TROUBLESHOOTING.md#nan-loss")
+
+
+def _set_base_learning_rates(lr_scheduler, rates: list[float]) -> str:
+    """Give a restored schedule (a LambdaLR, as diffusers' get_scheduler makes them) the base learning rates of the
+    config; returns "old -> new" where they differed, else ""."""
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)   # accelerate wraps it
+    old = list(schedule.base_lrs)
+    if old == rates:
+        return ""
+    schedule.base_lrs = list(rates)
+    for group, base, factor in zip(schedule.optimizer.param_groups, rates, schedule.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(schedule.last_epoch)
+    return ", ".join(f"{a:g} -> {b:g}" for a, b in zip(old, rates))
 
 
 def _optimizer(choice: str, params, learning_rate: float, profile):
