@@ -10,13 +10,12 @@ Torch runs on the same, pinned, thread count for both arms. In SMOKE MODE steps 
 """
 import argparse
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
 
 import helpers
-from helpers.bench import command_line, machine, peak_rss_mib, versions
+from helpers.bench import command_line, machine, peak_rss_mib, results_page, versions
 from helpers import runtime, samplers, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,28 +124,16 @@ def main(argv=None):
                f"within noise (|overhead| at most the larger standard deviation of the two arms' runs) in "
                f"{len(within)} of {len(records)} rows." if args.repeats > 1 else
                "One repeat: no noise estimate, so the overhead cannot be judged against noise.")
-    text = "\n".join([
-        "# helpers.generate vs the bare diffusers call: speed, overhead, load time, peak memory",
-        "",
-        *([f"**{TINY_SENTENCE}.**", ""] if smoke.is_tiny() else []),
-        f"Command: `{command}`.",
-        f"Machine: {machine_line}; " + ", ".join(f"{d} {v}" for d, v in library_versions.items()) + ".",
-        f"Work: \"{PROMPT}\", CFG {CFG}, seed {SEED}, one image a run. Each model loaded once (load s); each arm "
-        f"warmed up once, then {args.repeats} timed runs alternating generate and bare; s/img are medians, it/s = "
-        f"steps / s. Overhead = generate - bare (medians); noise = the larger standard deviation of the two arms' "
-        f"runs.{capped} Peak RSS is the process's so far (ru_maxrss, never goes down); peak CUDA is reset each row.",
-        "",
-        verdict,
-        "",
-        HEADER,
-        "|" + "---|" * HEADER.count(" | ") + "---|",
-        *rows,
-        "",
-        "One JSON object a row:",
-        "",
-        *(f"    {json.dumps(r)}" for r in records),
-        "",
-    ])
+    text = results_page(
+        "helpers.generate vs the bare diffusers call: speed, overhead, load time, peak memory",
+        TINY_SENTENCE if smoke.is_tiny() else None, command, machine_line, library_versions,
+        [
+            f"Work: \"{PROMPT}\", CFG {CFG}, seed {SEED}, one image a run. Each model loaded once (load s); each arm "
+            f"warmed up once, then {args.repeats} timed runs alternating generate and bare; s/img are medians, "
+            f"it/s = steps / s. Overhead = generate - bare (medians); noise = the larger standard deviation of the "
+            f"two arms' runs.{capped} Peak RSS is the process's so far (ru_maxrss, never goes down); peak CUDA is "
+            "reset each row.",
+            "", verdict], HEADER, rows, records)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     helpers.atomic_write(out, text)

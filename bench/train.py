@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import gc
 import itertools
-import json
 import os
 import shutil
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import helpers
 from helpers import runtime, smoke
-from helpers.bench import command_line, machine, peak_rss_mib, versions
+from helpers.bench import command_line, machine, peak_rss_mib, results_page, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("lora", "dreambooth", "dreambooth-full")
@@ -239,30 +238,18 @@ def main(argv=None):
     cap_line = (f" CUDA memory capped at {args.memory_fraction} of the GPU (--memory-fraction)."
                 if args.memory_fraction else "")
     images = max(IMAGES, 2 * max(args.batch_sizes))
-    text = "\n".join([
-        "# Training: steps per second and peak memory of LoRA and DreamBooth runs, per setting",
-        "",
-        *([f"**{TINY_SENTENCE}.**", ""] if smoke.is_tiny() else []),
-        f"Command: `{command}`.",
-        f"Machine: {machine_line}; " + ", ".join(f"{d} {v}" for d, v in library_versions.items()) + ".",
-        (f"Work: model {args.model}, {images} drawn images with captions, LoRA rank {args.rank} (alpha = rank) on "
+    text = results_page(
+        "Training: steps per second and peak memory of LoRA and DreamBooth runs, per setting",
+        TINY_SENTENCE if smoke.is_tiny() else None, command, machine_line, library_versions,
+        [(f"Work: model {args.model}, {images} drawn images with captions, LoRA rank {args.rank} (alpha = rank) on "
          f"the UNet's attention; one untimed warm-up run, then one fresh train_lora run a setting. dreambooth: "
          f"instance prompt \"{INSTANCE_PROMPT}\", prior preservation with \"{CLASS_PROMPT}\" images (each batch holds "
          f"as many class images as instance images). s/step is the median time of a step from the end of the first "
          f"to the end of the last (load, class images, latent caching, final checkpoint and export excluded); "
          f"steps/s = 1 / s/step; noise = the standard deviation of the step times; images/s = batch x steps/s "
          f"(instance images); run s = the whole train_lora call.{capped} Peak RSS is the process's so far "
-         f"(ru_maxrss, never goes down); peak CUDA (max_memory_allocated) is reset each row.{cap_line}{busy}"),
-        "",
-        HEADER,
-        "|" + "---|" * HEADER.count(" | ") + "---|",
-        *rows,
-        "",
-        "One JSON object a row:",
-        "",
-        *(f"    {json.dumps(r)}" for r in records),
-        "",
-    ])
+         f"(ru_maxrss, never goes down); peak CUDA (max_memory_allocated) is reset each row.{cap_line}{busy}")],
+        HEADER, rows, records)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     helpers.atomic_write(out, text)

@@ -6,6 +6,7 @@ the model benchmark harness of notebook 08 and `python -m helpers bench`:
     report    write_results: CSV, JSON, a Markdown table, plots (speed vs memory, quality) and an image grid per prompt
 """
 import importlib.metadata
+import json
 import os
 import platform
 import resource
@@ -53,3 +54,18 @@ from .report import image_grid, markdown_table, write_results  # noqa: E402
 
 __all__ = ["BenchResult", "SHAPE_TRUE_NOTE", "command_line", "image_grid", "load_prompts", "machine", "markdown_table",
            "peak_rss_mib", "run_benchmark", "versions", "write_results"]
+
+
+def results_page(title: str, tiny_sentence: str | None, command: str, machine_line: str, library_versions: dict,
+                 work: list[str], header: str, rows: list[str], records: list[dict]) -> str:
+    """A bench/results page: the title, a bold line where the figures come from tiny models, the command, the
+    machine, what was measured (`work` lines), the Markdown table and one JSON object a row."""
+    return "\n".join([
+        f"# {title}", "",
+        *([f"**{tiny_sentence}.**", ""] if tiny_sentence else []),
+        f"Command: `{command}`.",
+        f"Machine: {machine_line}; " + ", ".join(f"{d} {v}" for d, v in library_versions.items()) + ".",
+        *work, "",
+        header, "|" + "---|" * header.count(" | ") + "---|", *rows, "",
+        "One JSON object a row:", "", *(f"    {json.dumps(r)}" for r in records), "",
+    ])
