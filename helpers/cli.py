@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from . import runtime, smoke, storage
+from . import oom, runtime, smoke, storage
 
 DEMO_SD, DEMO_LLAVA = "sd15", "llava-1.6-mistral-7b"
 CAPTION_STYLES = ("short", "detailed", "tags")  # helpers.captions.STYLES, named here to keep the CLI start light
@@ -387,6 +387,7 @@ def main(argv=None) -> int:
                     "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth, "plan": plan,
                     "bench": bench}
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message says what to do, no traceback
+    # bad input, NaN, out of memory: the message says what to do, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, oom.OutOfMemoryStop) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ template, so a follow-up question still sees the images of earlier turns. It str
 turns, counts what each image costs in tokens, refuses (or trims) a conversation that would overflow the model's
 context before the model sees it, and exports its transcript as Markdown and JSON.
 """
+import io
 import json
 import threading
 from dataclasses import asdict, dataclass, field
@@ -226,8 +227,9 @@ class ChatSession:
             for image in turn.images:
                 n += 1
                 names.append(f"images/image-{n:02d}.png")
-                with storage.atomic_open(folder / names[-1]) as f:
-                    image.save(f, format="PNG")
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                storage.atomic_write(folder / names[-1], buffer.getvalue())  # retried, else to local disk
             record["turns"].append({"role": turn.role, "text": turn.text, "images": names})
             markdown += [f"**{'You' if turn.role == 'user' else 'LLaVA'}:**", ""]
             markdown += [f"![image {name}]({name})" for name in names] + ([""] if names else [])

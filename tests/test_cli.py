@@ -231,3 +231,15 @@ def test_dreambooth_cli_refuses_a_config_without_instance_prompt(extra, tmp_path
     assert '--set "instance_prompt=a photo of sks dog"' in lines[0]
     assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
     assert result.stdout == ""
+
+
+def test_an_out_of_memory_stop_is_one_line_with_its_advice(monkeypatch, capsys):
+    from helpers import cli, oom
+
+    def runs_out(args):
+        raise oom.OutOfMemoryStop("Out of GPU memory: tried one at a time; use a smaller size.")
+
+    monkeypatch.setattr(cli, "plan", runs_out)
+    assert cli.main(["plan", "sd15"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: Out of GPU memory: tried one at a time; use a smaller size.\n"
