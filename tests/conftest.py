@@ -1,9 +1,17 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from helpers import storage
+
+# The property tests draw the same examples on every run ("ci"), so a CI result can be repeated and never flips on
+# its own; HYPOTHESIS_PROFILE=explore draws new ones each run (and keeps failures in .hypothesis/) to hunt for bugs.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
