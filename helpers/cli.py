@@ -20,6 +20,7 @@
                                                  the same prompts and seeds through each model: speed, memory, quality
 """
 import argparse
+import os
 import socket
 import sys
 import time
@@ -199,24 +200,27 @@ def _train(config, progress: bool) -> int:
     """Train (or resume) the run of `config`, saying where it is, where it resumes and where its LoRA is."""
     from .training import loop
 
-    _smoke_notice()
-    print(f"run folder: {config.run_dir}")
+    # under `accelerate launch` every process runs this: the first one speaks for them all
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *args, **kwargs: None)
+    if say is print:
+        _smoke_notice()
+    say(f"run folder: {config.run_dir}")
     done = loop.checkpoints(config.run_dir)
     if done:
         step, folder = done[-1]
-        print(f"resume point: {folder.name} (step {step} of {config.max_train_steps})")
+        say(f"resume point: {folder.name} (step {step} of {config.max_train_steps})")
     else:
-        print("resume point: none, a new run")
+        say("resume point: none, a new run")
     result = loop.train_lora(config, progress=progress)
-    print(f"steps done: {result.steps}")
+    say(f"steps done: {result.steps}")
     what = "model" if config.method == "full" else "lora"
     if not result.output.exists():
-        print(f"error: the run stopped at step {result.steps} without writing its {what}; run the same command again "
-              "to resume.", file=sys.stderr)
+        say(f"error: the run stopped at step {result.steps} without writing its {what}; run the same command again "
+            "to resume.", file=sys.stderr)
         return 1
-    print(f"{what}: {result.output}")
+    say(f"{what}: {result.output}")
     if result.single_file:
-        print(f"A1111 checkpoint: {result.single_file}")
+        say(f"A1111 checkpoint: {result.single_file}")
     return 0
 
 

@@ -103,6 +103,7 @@ def test_sdxl_dreambooth_with_text_encoders_on_two_processes(dataset, tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("class image 1 of 2") == 1                    # painted by one process only
+    assert done.stdout.count("run folder:") == 1 and done.stdout.count("lora:") == 1  # the first process speaks
     a, b = (load_file(tmp_path / "ranks" / f"rank-{r}.safetensors") for r in (0, 1))
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder_0", "text_encoder_1"}
     assert all(torch.equal(a[k], b[k]) for k in a)
