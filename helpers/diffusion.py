@@ -302,11 +302,15 @@ def _hires_fix(work, call, images, seeds, scale, strength, steps, progress):
     width, height = (int(round(v * scale / 8)) * 8 for v in (images[0].width, images[0].height))
     kwargs = {k: v for k, v in call.items() if k not in ("width", "height", "image", "strength", "mask_image",
                                                             "num_inference_steps")}
-    out = []
+    out, ladder = [], oom.Ladder(upscaler, {"width": width, "height": height}, 1, (width, height))
     for image, seed in zip(images, seeds):
-        big = image.resize((width, height), Image.LANCZOS)
-        out += upscaler(**kwargs, image=big, strength=strength, num_inference_steps=steps,
-                        generator=torch.Generator("cpu").manual_seed(seed)).images
+        while True:
+            try:
+                out += upscaler(**kwargs, image=image.resize(ladder.size, Image.LANCZOS), strength=strength,
+                                num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images
+                break
+            except Exception as e:  # out of memory: the next rung of the ladder (helpers/oom.py); else raised
+                ladder.step_down(e)
     return out
 
 
