@@ -7,13 +7,6 @@ from PIL import Image
 from helpers import diffusion, images, loading, masks
 
 
-@pytest.fixture(scope="module")
-def sd():
-    pipe = loading.load_sd("sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def arr(image):
     return np.asarray(image, dtype=np.int16)
 

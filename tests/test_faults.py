@@ -13,32 +13,20 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from helpers import captions, diffusion, images, loading, lora, registry, storage, tiny
 from helpers.training import loop
+from conftest import draw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def sd():
-    pipe = loading.load_sd("sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "5_sks cat"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text("a photo of a cat")
-    return folder.parent
+    return draw_dataset(tmp_path_factory.mktemp("data") / "5_sks cat", [(64, 64)] * 2, ["a photo of a cat"] * 2)
 
 
 def train_config(dataset, run_dir, **kwargs):

@@ -7,15 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import diffusion, loading, oom
+from helpers import diffusion, oom
 from helpers.training.loop import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def sd():
-    pipe = loading.load_sd("sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture

@@ -121,20 +121,6 @@ def test_to_compel_refuses_negative_weights():
 
 # --- embeddings ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sd():
-    pipe = loading.load_sd("sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    pipe = loading.load_sd("sdxl")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def run(pipe, **kwargs):
     return pipe(**kwargs, num_inference_steps=2, height=64, width=64, output_type="np",
                 generator=torch.Generator("cpu").manual_seed(0)).images

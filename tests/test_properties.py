@@ -39,13 +39,6 @@ def picture(mode: str, width: int, height: int, seed: int):
 
 
 @pytest.fixture(scope="module")
-def sd():
-    pipe = loading.load_sd("sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def llava():
     return loading.load_llava("llava-1.6-mistral-7b")
 

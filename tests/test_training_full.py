@@ -3,11 +3,11 @@ and paints differently from the base, plus one A1111 checkpoint; refused where t
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import loading, runtime
 from helpers.training import loop
+from conftest import draw_dataset
 
 T4 = runtime.Profile(platform="colab", device="cuda", gpu_name="Tesla T4", vram_gb=14.7, compute_capability=(7, 5),
                      gpu_count=1)
@@ -15,11 +15,7 @@ T4 = runtime.Profile(platform="colab", device="cuda", gpu_name="Tesla T4", vram_
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "3_sks dog"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")).save(folder / f"{i}.png")
-    return folder.parent
+    return draw_dataset(tmp_path_factory.mktemp("data") / "3_sks dog", [(64, 64)] * 2)
 
 
 def config(dataset, run_dir, **kwargs):

@@ -8,25 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from helpers.training import loop
+from conftest import draw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+COLOURED_CATS = [f"a photo of a cat, {colour}" for colour in ("red", "blue", "green")]
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "2_sks cat"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of a cat, {['red', 'blue', 'green'][i]}")
-    return folder.parent
+    return draw_dataset(tmp_path_factory.mktemp("data") / "2_sks cat", [(64, 64)] * 3, COLOURED_CATS)
 
 
 def config(dataset, run_dir, **kwargs):

@@ -2,23 +2,19 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import loading
 from helpers.training import datasets, export, loop, losses
+from conftest import draw_dataset
 
 FP16_ATOL = 2e-3   # the kohya file is fp16 (see test_training_export.py)
+COLOURED_CATS = [f"a photo of a cat, {colour}" for colour in ("red", "blue", "green")]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "2_sks cat"
-    folder.mkdir()
-    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 80)]):
-        Image.fromarray((np.random.RandomState(i).rand(h, w, 3) * 255).astype("uint8")).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of a cat, {['red', 'blue', 'green'][i]}")
-    return folder.parent
+    return draw_dataset(tmp_path_factory.mktemp("data") / "2_sks cat", [(64, 64), (96, 64), (64, 80)], COLOURED_CATS)
 
 
 def paint(pipe, folder=None, weight_name=None):

@@ -93,13 +93,6 @@ def test_reasoning_panel(llava):
 
 # --- Stable Diffusion panels ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sd():
-    pipe = loading.load_sd("sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_generate_panel_generates_saves_and_shows(sd, tmp_path, monkeypatch):
     from helpers import images
 
