@@ -25,11 +25,6 @@ def sd15():
     return _pipe("sd15")
 
 
-@pytest.fixture(scope="module")
-def sdxl():
-    return _pipe("sdxl")
-
-
 def generate(pipe, seed=0, **kwargs):
     return pipe("a photo of a cat", num_inference_steps=4, output_type="np",
                 generator=torch.Generator().manual_seed(seed), **kwargs).images
