@@ -28,6 +28,8 @@ def _check_style(style: str) -> None:
 def clean_caption(text: str, style: str, max_chars: int | None = None) -> str:
     """One line, as trainers expect. Tags: de-duplicated, lower case, ", "-separated. `max_chars` cuts at the last
     whole sentence (or tag) that fits."""
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+        raise ValueError(f"`max_chars` must be a positive number of characters or None, not {max_chars!r}.")
     if style == "tags":
         tags = []
         for tag in re.split(r"[,\n;]", text):
@@ -43,11 +45,15 @@ def clean_caption(text: str, style: str, max_chars: int | None = None) -> str:
         cut = text[:max_chars]
         sentence_end = max(cut.rfind(". "), cut.rfind("! "), cut.rfind("? "))
         text = cut[:sentence_end + 1] if sentence_end > 0 else cut.rsplit(" ", 1)[0]
-    return text
+    return text.strip()
 
 
 def with_trigger(caption: str, trigger: str | None) -> str:
-    """kohya's convention: the trigger word (or any prefix) first, then the caption."""
+    """kohya's convention: the trigger word (or any prefix) first, then the caption. A caption is one line, so a
+    trigger holding a line break is refused."""
+    if trigger and any(c in trigger.strip() for c in "\r\n\x0b\x0c\x85\u2028\u2029"):
+        raise ValueError(f"The trigger {trigger!r} holds a line break, which would cut the caption in two: use one "
+                         "word or phrase on one line.")
     return f"{trigger.strip()}, {caption}" if trigger and trigger.strip() else caption
 
 

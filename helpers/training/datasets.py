@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import captions, storage
+from .. import captions, paths, storage
 from .. import images as imaging
 
 CROPS = ("center", "random")
@@ -80,7 +80,7 @@ def find_items(folder, trigger: str | None = None, default_repeats: int = 1) -> 
     an image directly in `folder`, or in a sub-folder without a count, gets `default_repeats` and the `trigger` as
     its concept (kohya skips such folders; here they are used). Raises ValueError when there is no image at all.
     """
-    folder = Path(folder)
+    folder = paths.refuse_broad(paths.user_path(folder, "dataset"), "dataset")
     _check_int("default_repeats", default_repeats)
     trigger = trigger.strip() if trigger and trigger.strip() else None
     items = []
@@ -147,7 +147,7 @@ def check_dataset(folder, resolution: int, min_side: int | None = None, progress
     and captions without an image. Bad files are reported, not raised; no image at all raises ValueError."""
     from tqdm.auto import tqdm
 
-    folder = Path(folder)
+    folder = paths.refuse_broad(paths.user_path(folder, "dataset"), "dataset")
     _check_int("resolution", resolution)
     min_side = resolution // 2 if min_side is None else min_side
     _check_int("min_side", min_side)
@@ -254,8 +254,8 @@ def prepare_folder(source, dest=None) -> Path:
     public Google Drive link to a folder or to a .zip (downloaded with gdown into `dest`, then extracted). `dest`
     defaults to the project's datasets/<name>. Where the archive wraps everything in one folder, that folder is
     returned. Check the result with check_dataset() before training."""
-    text = str(source).strip()
-    path = Path(text).expanduser()
+    path = paths.refuse_broad(paths.user_path(source, "dataset"), "dataset")
+    text = str(source).strip().strip("\"'").strip()   # a link keeps its "//", which Path would fold
     if path.is_dir():
         return path
     if path.is_file():
