@@ -1,8 +1,13 @@
 """One place that turns a model name and a task into a loaded model: load_sd(...) and load_llava(...).
 
-The name goes through the registry (so SMOKE MODE swaps in the tiny models) and the dtype follows the runtime's
-policy (fp16 on a T4, bf16 from Ampere on, fp32 on CPU). Only safetensors weights are loaded; remote code never runs.
+The name goes through the registry (so SMOKE MODE swaps in the tiny models; a file the user gives is never swapped)
+and the dtype follows the runtime's policy (fp16 on a T4, bf16 from Ampere on, fp32 on CPU). Only safetensors weights
+are loaded; remote code never runs. A one-file `.safetensors` checkpoint (A1111/Civitai) loads offline through
+helpers.one_file. On a GPU the planner checks that the model fits before anything is downloaded.
 """
+import warnings
+from pathlib import Path
+
 from . import memory, registry, runtime
 
 SD_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
@@ -57,9 +62,53 @@ def _load_error(resolved, error: Exception) -> OSError:
                    "(TROUBLESHOOTING.md#load-failed).")
 
 
+def _plan_name(resolved) -> str | None:
+    """What the planner is asked about for `resolved`: the catalogue name, the file, the folder or the hub id (None
+    for the tiny stand-ins, which always fit)."""
+    if resolved.tiny:
+        return None
+    return resolved.spec.name if resolved.spec is not None else resolved.source
+
+
+def _planned(check, what: str, default):
+    """`check()`, or `default` with a warning where the planner cannot get the configs (a hub id offline)."""
+    from .planner import PlanUnavailable
+
+    try:
+        return check()
+    except PlanUnavailable as e:
+        warnings.warn(f"{e} Loading {what} without a memory plan.", UserWarning, stacklevel=3)
+        return default
+
+
+def main_weights_file(resolved, variant: str | None = None) -> str | None:
+    """The one file whose hash names the model (A1111's `Model hash`): a one-file checkpoint itself; for a folder or
+    a hub model, its UNet's (or transformer's) single weights file where it is on this machine, else None."""
+    if resolved.single_file:
+        return resolved.source
+    names = [f"diffusion_pytorch_model.{variant}.safetensors"] if variant else []
+    names.append("diffusion_pytorch_model.safetensors")
+    for sub in ("unet", "transformer"):
+        for file in names:
+            if Path(resolved.source).is_dir():
+                if (Path(resolved.source) / sub / file).is_file():
+                    return str(Path(resolved.source) / sub / file)
+            else:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(resolved.source, f"{sub}/{file}", revision=resolved.revision)
+                if isinstance(cached, str):
+                    return cached
+    return None
+
+
 def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runtime.Profile | None = None):
-    """A diffusers pipeline for `task` ("txt2img", "img2img" or "inpaint") from a registry name, hub id or folder,
-    in the runtime's dtype, on its device. SDXL in fp16 gets the fp16-fix VAE (the stock one overflows to black)."""
+    """A diffusers pipeline for `task` ("txt2img", "img2img" or "inpaint") from a catalogue name or alias, a hub id,
+    a folder or a one-file `.safetensors` checkpoint, in the runtime's dtype, on its device. SDXL from the hub in fp16
+    gets the fp16-fix VAE (the stock one overflows to black); a one-file SDXL keeps its own VAE, which diffusers
+    decodes in fp32 (force_upcast), so that no hub call is made. An inpainting file loads for "inpaint" only.
+    The pipeline records `_helpers_model_name` (the file's stem, or the catalogue name) and `_helpers_model_file`
+    (main_weights_file) for the PNG metadata."""
     if task not in SD_PIPELINES:
         raise ValueError(f"`task` must be one of {', '.join(SD_PIPELINES)}, not {task!r}.")
     resolved = registry.resolve(name, task=task)
@@ -69,24 +118,40 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
     from safetensors import SafetensorError
     import torch
 
+    from . import one_file
+
+    if resolved.single_file:  # refused before anything is planned or loaded
+        info = one_file.inspect(resolved.source)
+        one_file.check_task(info, task)
+        one_file.config_folder(info)
     profile = profile or runtime.detect_profile()
     dtype = dtype or runtime.pick_dtype(profile)
     placement = profile.device
-    if resolved.spec is not None and not resolved.tiny:  # say it before a download of many GB, not after
-        placement = memory.sd_placement(resolved.spec.name, str(dtype).split(".")[-1], profile)
+    plan_name = _plan_name(resolved)
+    if plan_name is not None and profile.device == "cuda":  # say it before a download of many GB, not after
+        placement = _planned(lambda: memory.sd_placement(plan_name, str(dtype).split(".")[-1], profile), plan_name,
+                             "gpu")
     kwargs = {"dtype": dtype, "use_safetensors": True}
     if resolved.revision:
         kwargs["revision"] = resolved.revision
     if not resolved.tiny and resolved.spec and resolved.spec.fp16_variant and dtype == torch.float16:
         kwargs["variant"] = "fp16"
     try:
-        if resolved.family == "sdxl" and dtype == torch.float16 and not resolved.tiny:
-            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype,
-                                                                    use_safetensors=True)
-        pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(resolved.source, **kwargs)
+        if resolved.single_file:
+            pipe = one_file.load(resolved.source, task=task, dtype=dtype)
+        else:
+            if resolved.family == "sdxl" and dtype == torch.float16 and not resolved.tiny:
+                kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype,
+                                                                        use_safetensors=True)
+            pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(resolved.source, **kwargs)
     except (OSError, SafetensorError) as e:  # not found, gated, or a damaged weights file
+        if isinstance(e, one_file.CheckpointFileError) or resolved.single_file:
+            raise
         raise _load_error(resolved, e) from e
-    pipe._helpers_model_name = name  # what the PNG parameters call it
+    # what the PNG parameters call it (A1111: the file's stem, or the catalogue name) and the file its hash is of
+    pipe._helpers_model_name = (Path(resolved.source).stem if resolved.single_file
+                                else resolved.spec.name if resolved.spec is not None else name)
+    pipe._helpers_model_file = main_weights_file(resolved, kwargs.get("variant"))
     if placement == "model_offload":
         print(f"{name} does not fit this GPU whole: each part moves to it while it runs (model CPU offload).")
         pipe.enable_model_cpu_offload()
@@ -101,9 +166,9 @@ def choose_quantization(resolved, profile: runtime.Profile) -> str:
     """"none" where the 16-bit weights, KV cache and activations fit in VRAM (helpers.planner), else "4bit" (nf4: on
     a T4 that is every LLaVA; bitsandbytes' 8-bit is slower than nf4, so it is never the automatic choice). Always
     "none" on CPU and for the tiny models."""
-    if profile.device != "cuda" or resolved.tiny or resolved.spec is None:
+    if profile.device != "cuda" or resolved.tiny:
         return "none"
-    return memory.choose_quantization(resolved.spec.name, profile)
+    return _planned(lambda: memory.choose_quantization(_plan_name(resolved), profile), resolved.source, "none")
 
 
 def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", profile: runtime.Profile | None = None):
@@ -115,6 +180,7 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
     resolved = registry.resolve(name, task="vlm")
     if resolved.family not in ("llava_next", None):
         raise ValueError(f"{name!r} is a {resolved.family} image generator: load it with load_sd({name!r}).")
+    plan_name = _plan_name(resolved)
     from safetensors import SafetensorError
     from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditionalGeneration
 
@@ -122,8 +188,9 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
     dtype = runtime.pick_dtype(profile)
     if quantization == "auto":
         quantization = choose_quantization(resolved, profile)
-    if resolved.spec is not None and not resolved.tiny:  # say it before a 15 GB download, not after
-        memory.check_fits(resolved.spec.name, profile.dtype_name if quantization == "none" else quantization, profile)
+    if plan_name is not None and profile.device == "cuda":  # say it before a 15 GB download, not after
+        _planned(lambda: memory.check_fits(plan_name, profile.dtype_name if quantization == "none" else quantization,
+                                           profile), plan_name, None)
     kwargs = {"dtype": dtype, "revision": resolved.revision, "use_safetensors": True}
     if profile.device == "cuda":
         kwargs["device_map"] = {"": 0}

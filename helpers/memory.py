@@ -1,10 +1,12 @@
 """What fits where, checked before loading: the questions load_sd and load_llava ask, answered by helpers.planner
-(exact parameter counts from the real architectures, bytes by precision, activations, RAM while loading)."""
+(exact parameter counts from the real architectures, bytes by precision, activations, RAM while loading). A model
+name here is anything the planner takes: a catalogue name or alias, a hub id, a local folder or a .safetensors file
+(planner.model)."""
 from . import planner, runtime
 
 
 def weights_gib(model_name: str, precision: str) -> float:
-    """GiB of the weights of registry model `model_name` at `precision` ("4bit", "8bit" or a dtype name)."""
+    """GiB of the weights of model `model_name` at `precision` ("4bit", "8bit" or a dtype name)."""
     return planner.weights_gib(model_name, precision)
 
 

@@ -1,4 +1,9 @@
-"""The memory planner: what a registry model needs (weights, activations, RAM while loading) and how it fits a GPU.
+"""The memory planner: what a model needs (weights, activations, RAM while loading) and how it fits a GPU.
+
+A model is a catalogue name or an alias of one (registry.canonical_name), a hub id (its model_index.json and
+component configs fetched with huggingface_hub: a few KB, cached), a local diffusers/transformers folder (its
+configs), or a one-file `.safetensors` checkpoint (exact counts and bytes by component from its header, no weight
+read: helpers.one_file). All of it before any weights are downloaded.
 
 Parameter counts are exact: each model is built from its real architecture config (assets/configs/<name>, the hub
 repo's own config files) on the meta device, where no memory is used, and counted; the counts are cached in
@@ -72,26 +77,141 @@ def profile(name: str) -> runtime.Profile:
     return GPUS[name].profile()
 
 
-# --- configs and exact parameter counts ------------------------------------------------------------------------------
+FILE_RAM_COPY = True        # loading a one-file checkpoint (from_single_file) holds the file's tensors in RAM while
+#                             the pipeline is built: measured, SD 1.5 fp16 file -> fp32 pipeline peaks at file + weights
+
+
+class PlanUnavailable(ValueError):
+    """The planner cannot get what it needs to plan a model (a hub id offline, a gated repo without a token)."""
+
+
+# --- what a model is: configs, family, exact counts ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Model:
+    """What the planner knows of one model, whatever named it."""
+    label: str                      # what plans call it: the catalogue name, the hub id, the folder or file name
+    folder: Path                    # its architecture configs (the hub repo's layout)
+    family: str | None
+    pipeline: bool
+    catalogue: str | None = None    # the registry name, where it is one
+    counts: dict | None = None      # exact counts by component (a one-file checkpoint's header)
+    file_bytes: float = 0.0         # a one-file checkpoint: bytes of the tensors it loads, as stored
+    file_dtype: str = ""
+    native: int | None = None       # the default resolution where the configs do not give it
+
+
+_MODELS: dict = {}
+_COUNTED: dict = {}
+_SKIP = ("tokenizer", "scheduler", "feature_extractor", "image_processor", "processor")
+
+
+def _hub_configs(repo_id: str) -> Path:
+    """The snapshot folder of `repo_id`'s model_index.json and component configs (or a transformers config.json),
+    downloaded with huggingface_hub into its cache (a few KB; the second time offline is fine)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError)
+
+    try:
+        try:
+            index = Path(hf_hub_download(repo_id, "model_index.json"))
+        except RemoteEntryNotFoundError:  # not a diffusers pipeline: a transformers model (LLaVA)
+            return Path(hf_hub_download(repo_id, "config.json")).parent
+        for comp, value in json.loads(index.read_text()).items():
+            if isinstance(value, list) and value[0] and not comp.startswith(_SKIP):
+                hf_hub_download(repo_id, f"{comp}/config.json")
+            elif comp == "scheduler":
+                hf_hub_download(repo_id, "scheduler/scheduler_config.json")
+        return index.parent
+    except GatedRepoError as e:
+        raise PlanUnavailable(f"Cannot plan {repo_id!r}: it is gated; accept its licence on its hub page and set "
+                              "HF_TOKEN (the Colab secret HF_TOKEN, or the environment variable). See "
+                              "TROUBLESHOOTING.md#gated-model") from e
+    except RepositoryNotFoundError as e:
+        raise PlanUnavailable(f"Cannot plan {repo_id!r}: no such model on the hub (or it is private: set HF_TOKEN). "
+                              "Check the id, or plan a local folder or .safetensors file.") from e
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise PlanUnavailable(f"Cannot plan {repo_id!r} without its model_index.json and component configs (a few "
+                              f"KB from the hub), which are not in the cache and cannot be fetched now "
+                              f"({type(e).__name__}). Run the plan once with network access (unset HF_HUB_OFFLINE; "
+                              "they are cached after), or plan a local folder or .safetensors file. See "
+                              "TROUBLESHOOTING.md#plan-offline") from e
+
+
+def _file_model(path: Path) -> Model:
+    from . import one_file
+
+    info = one_file.check_checkpoint(one_file.inspect(path))
+    folder = one_file.config_folder(info) if info.family != "sd2" else CONFIGS / "sd15"  # SD 2.x: SD 1.5's layout
+    counts = {comp: {k: c[k] for k in ("params", "quantizable", "fp32_in_fp16")}
+              for comp, c in info.components.items()}
+    return Model(label=path.name, folder=folder, family=info.family, pipeline=True, counts=counts,
+                 file_bytes=float(sum(c["bytes"] for c in info.components.values())), file_dtype=info.dtype,
+                 native=768 if info.family == "sd2" else None)  # SD 2.x: 768 px (2.1), 512 px for the -base
+
+
+def _resolve(name: str) -> Model:
+    text = str(name).strip()
+    path = Path(text).expanduser()
+    catalogue = registry.canonical_name(text) if not path.exists() else None
+    if catalogue:
+        spec = registry.MODELS[catalogue]
+        folder = CONFIGS / catalogue
+        return Model(label=catalogue, folder=folder, family=spec.family,
+                     pipeline=(folder / "model_index.json").is_file(), catalogue=catalogue)
+    if path.is_file() or path.suffix.lower() == ".safetensors":
+        return _file_model(path)
+    if path.is_dir():
+        family, _ = registry.family_of_folder(path)
+        if not ((path / "model_index.json").is_file() or family == "llava_next"):
+            raise PlanUnavailable(f"Cannot plan {text!r}: the folder has no model_index.json (a diffusers pipeline) or "
+                             "LLaVA-NeXT config.json; pass the model's own folder (not a component's), or its "
+                             ".safetensors file.")
+        return Model(label=path.name, folder=path.resolve(), family=family,
+                     pipeline=(path / "model_index.json").is_file())
+    if text.count("/") == 1 and " " not in text and not text.startswith((".", "/", "~")):
+        folder = _hub_configs(text)
+        family, _ = registry.family_of_folder(folder)
+        if not (folder / "model_index.json").is_file() and family != "llava_next":
+            raise PlanUnavailable(f"Cannot plan {text!r}: it is neither a diffusers pipeline (model_index.json) nor a "
+                             "LLaVA-NeXT model; the planner knows those.")
+        return Model(label=text, folder=folder, family=family, pipeline=(folder / "model_index.json").is_file())
+    known = ", ".join(registry.MODELS)
+    raise ValueError(f"No architecture configs for {text!r}: the planner knows the catalogue ({known}; aliases such "
+                     "as 'SD 1.5' or 'sdxl-base'), hub ids ('owner/name'), local model folders and "
+                     ".safetensors files (none exists at that path).")
+
+
+def model(name) -> Model:
+    """What the planner knows of `name` (see the module's docstring), worked out once per name (and per file
+    version: a file is known by its path, size and modification time)."""
+    if isinstance(name, Model):
+        return name
+    path = Path(str(name).strip()).expanduser()
+    key = (str(name), path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else str(name)
+    if key not in _MODELS:
+        _MODELS[key] = _resolve(str(name))
+    return _MODELS[key]
+
 
 def config_dir(name: str) -> Path:
-    """The folder of `name`'s real architecture configs (the hub repo's layout)."""
-    folder = CONFIGS / name
-    if name not in registry.MODELS or not folder.is_dir():
-        raise ValueError(f"No architecture configs for {name!r}: the planner knows the registry models "
-                         f"({', '.join(registry.MODELS)}), whose configs are in {CONFIGS}.")
-    return folder
+    """The folder of `name`'s architecture configs (the hub repo's layout)."""
+    return model(name).folder
 
 
 def is_pipeline(name: str) -> bool:
-    return (config_dir(name) / "model_index.json").is_file()
+    return model(name).pipeline
 
 
 def _component_classes(name: str) -> dict[str, tuple[str, str]]:
-    """{component: (library, class)} of a pipeline's model components (not tokenizers, schedulers, processors)."""
-    index = json.loads((config_dir(name) / "model_index.json").read_text())
+    """{component: (library, class)} of a pipeline's model components (not tokenizers, schedulers, processors); for a
+    one-file checkpoint, those it holds."""
+    m = model(name)
+    index = json.loads((m.folder / "model_index.json").read_text())
     return {comp: tuple(value) for comp, value in index.items()
-            if isinstance(value, list) and not comp.startswith(("tokenizer", "scheduler", "feature_extractor"))}
+            if isinstance(value, list) and value[0] and not comp.startswith(_SKIP)
+            and (m.counts is None or comp in m.counts)}
 
 
 def _build_component(folder: Path, library: str, cls_name: str):
@@ -197,11 +317,18 @@ def write_param_counts(path: Path = COUNTS_FILE) -> dict:
 
 
 def param_counts(name: str) -> dict[str, dict]:
-    """{component: {"params", "quantizable", "fp32_in_fp16"}} of `name`, from the cache file (counted on the meta
-    device where the file lacks it)."""
-    config_dir(name)
-    cached = json.loads(COUNTS_FILE.read_text()) if COUNTS_FILE.is_file() else {}
-    return cached.get(name) or count_params(name)
+    """{component: {"params", "quantizable", "fp32_in_fp16"}} of `name`: a catalogue model's from the cache file, a
+    one-file checkpoint's from its header, any other's counted on the meta device (once)."""
+    m = model(name)
+    if m.counts is not None:
+        return m.counts
+    if m.catalogue:
+        cached = json.loads(COUNTS_FILE.read_text()) if COUNTS_FILE.is_file() else {}
+        if cached.get(m.catalogue):
+            return cached[m.catalogue]
+    if m.folder not in _COUNTED:
+        _COUNTED[m.folder] = count_params(name)
+    return _COUNTED[m.folder]
 
 
 def total_params(name: str) -> int:
@@ -277,9 +404,9 @@ def diffusion_activations(name: str, resolution: int, batch: int, dtype: str, va
     "denoiser" (a step of the UNet/transformer, classifier-free guidance doubling the batch where the model uses it),
     "vae_decode" (the decode to full size; slicing decodes one image at a time, tiling in tiles of the VAE's
     sample_size) and "latents". The two phases never overlap: the peak is the larger one."""
-    spec = registry.MODELS[name]
+    family = model(name).family
     b, size = _bytes_of(dtype), resolution
-    cfg = 1 if spec.family == "flux" else 2          # FLUX.1 is guidance-distilled: one pass a step
+    cfg = 1 if family == "flux" else 2          # FLUX.1 is guidance-distilled: one pass a step
     vae = _config(name, "vae")
     latent_px = (size // 8) ** 2
     if "unet" in param_counts(name):
@@ -292,8 +419,8 @@ def diffusion_activations(name: str, resolution: int, batch: int, dtype: str, va
     else:
         tf = _config(name, "transformer")
         width = tf["num_attention_heads"] * tf["attention_head_dim"]
-        patch = tf.get("patch_size", 1) if spec.family == "sd3" else 2  # FLUX packs 2x2 latents in its pipeline
-        text = 77 + 256 if spec.family == "sd3" else 512
+        patch = tf.get("patch_size", 1) if family == "sd3" else 2  # FLUX packs 2x2 latents in its pipeline
+        text = 77 + 256 if family == "sd3" else 512
         denoiser = DENOISER_LIVE * (latent_px // patch**2 + text) * width * b * batch * cfg
     tile = min(size, vae["sample_size"]) if vae_tiling else size
     tiles_px = tile * tile * (1.25 if vae_tiling and tile < size else 1.0)  # tiles overlap by a quarter
@@ -331,7 +458,7 @@ def training_bytes(name: str, optimizer: str = "adamw8bit", resolution: int | No
     frozen = sum(c["params"] for comp, c in counts.items() if comp not in (trained, "safety_checker"))
     resolution = resolution or _native_resolution(name)
     act = diffusion_activations(name, resolution, batch, "float16")["denoiser"]
-    act /= 1 if registry.MODELS[name].family == "flux" else 2  # no classifier-free guidance while training
+    act /= 1 if model(name).family == "flux" else 2  # no classifier-free guidance while training
     return (counts[trained]["params"] * (4 + 4 + OPTIMIZER_BYTES[optimizer]) + 2 * frozen + 2 * act
             + CUDA_OVERHEAD_GIB * GIB)
 
@@ -370,6 +497,7 @@ class Plan:
     ram_total: float = 0.0
     resolution: int | None = None
     batch: int = 1
+    pipeline: bool = True             # a diffusion pipeline (else a LLaVA model)
 
     @property
     def fits(self) -> bool:
@@ -381,7 +509,7 @@ class Plan:
             return "-"
         parts = [self.dtype]
         if self.quantization:
-            parts.append(f"4-bit nf4 ({', '.join(self.quantized)})" if is_pipeline(self.model) else "4-bit nf4")
+            parts.append(f"4-bit nf4 ({', '.join(self.quantized)})" if self.pipeline else "4-bit nf4")
         if self.offload:
             parts.append("model CPU offload")
         if self.vae_slicing:
@@ -411,6 +539,9 @@ def _diffusion_need(name, dtype, quantization, offload, resolution, batch, slici
             _largest_shard(name, c, weights(name, dtype)[c]) for c in quantized)
     else:                # from_pretrained to RAM, then pipe.to("cuda") (what load_sd does)
         ram = sum(w.values())
+    m = model(name)
+    if m.counts is not None and FILE_RAM_COPY and m.file_dtype != dtype and not quantized:
+        ram += m.file_bytes  # from_single_file: the file's tensors, then the pipeline's in another dtype
     return vram + CUDA_OVERHEAD_GIB * GIB, ram + RAM_BASE_GIB * GIB, w, act
 
 
@@ -425,7 +556,8 @@ def _llava_need(name, dtype, quantization):
 
 def plan(name: str, gpu: str | runtime.Profile = "t4", resolution: int | None = None, batch: int = 1,
          dtype: str | None = None) -> Plan:
-    """The verdict and the plan for registry model `name` on `gpu` (a profile name or a runtime.Profile), at
+    """The verdict and the plan for model `name` (a catalogue name or alias, hub id, folder or .safetensors file: see
+    model()) on `gpu` (a profile name or a runtime.Profile), at
     `resolution` (a pipeline's default: its native size, from the UNet/transformer config) and `batch` images.
     Tries, in order: all on the GPU in 16 bit (with VAE slicing, then tiling, where they are needed); model CPU
     offload; 4-bit nf4 of the large components (with offload where needed); on a CPU, float32 then bfloat16."""
@@ -442,8 +574,8 @@ def plan(name: str, gpu: str | runtime.Profile = "t4", resolution: int | None = 
             raise ValueError(f"`resolution` has to be divisible by 8 but is {resolution}.")
     vram_total = prof.vram_gb * GIB
     ram_total = prof.ram_gb * GIB if prof.ram_gb > 0 else float("inf")  # 0: RAM unknown, not checked
-    base = dict(model=name, gpu=key, vram_total=vram_total, ram_total=ram_total,
-                resolution=resolution if pipeline else None, batch=batch)
+    base = dict(model=model(name).label, gpu=key, vram_total=vram_total, ram_total=ram_total,
+                resolution=resolution if pipeline else None, batch=batch, pipeline=pipeline)
 
     if prof.device != "cuda":  # RAM holds everything; fp32 first, then bf16 (half the memory, slower on most CPUs)
         last = None
@@ -488,6 +620,8 @@ def plan(name: str, gpu: str | runtime.Profile = "t4", resolution: int | None = 
 
 
 def _native_resolution(name: str) -> int:
+    if model(name).native:
+        return model(name).native
     comp = "unet" if "unet" in param_counts(name) else "transformer"
     return int(_config(name, comp).get("sample_size", 128)) * 8  # FLUX has none: 1024 px
 
@@ -546,7 +680,7 @@ def build_shape_true(name: str, dtype=None, device: str = "cpu"):
         for comp, value in index.items():
             if comp.startswith("tokenizer"):
                 if "T5" in value[1]:
-                    parts[comp] = tiny._t5_tokenizer(256 if registry.MODELS[name].family == "sd3" else 512)
+                    parts[comp] = tiny._t5_tokenizer(256 if model(name).family == "sd3" else 512)
                 else:
                     pad = "!" if comp == "tokenizer_2" else "<|endoftext|>"
                     parts[comp] = tiny._clip_tokenizer(Path(tmp) / comp, pad)

@@ -1,14 +1,17 @@
 """The model catalogue: friendly name -> hub id, revision, family, task, gated or not, licence, size.
 
-`resolve(name)` accepts a catalogue name, a raw hub id ("owner/name") or a local folder. In SMOKE MODE
-(helpers.smoke) every catalogue name and hub id resolves to the tiny random-weight model of its family instead.
+`resolve(name)` accepts a catalogue name, a common alias of one ("SD 1.5", "sdxl-base": ALIASES), a hub id
+("owner/name"; a catalogue model's own id gives that model), a local folder or a one-file `.safetensors` checkpoint.
+In SMOKE MODE (helpers.smoke) every catalogue name and hub id resolves to the tiny random-weight model of its family
+instead; a file the user gives is the user's own model and is never swapped (SMOKE MODE still caps steps and size).
 """
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import smoke
+from . import one_file, smoke
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "llava_next")
 TASKS = ("txt2img", "img2img", "inpaint", "vlm")
@@ -65,6 +68,49 @@ MODELS: dict[str, ModelSpec] = dict([
        "FLUX.1 [dev] Non-Commercial License", gated=True, tiny="flux", note="guidance-distilled, ~28-50 steps"),
 ])
 
+# Common names of the catalogue models, compared with case, spaces and punctuation removed (see canonical_name):
+# "SD 1.5", "sd-1.5", "sd1.5" and "sd15" are one name. The catalogue names themselves match the same way.
+ALIASES = {
+    "sd15": ["sd1.5", "sd 1.5", "sd-v1-5", "sd v1.5", "stable diffusion 1.5", "stable-diffusion-v1-5",
+             "stable diffusion v1.5", "v1-5"],
+    "sd15-inpaint": ["sd 1.5 inpainting", "sd15-inpainting", "stable-diffusion-inpainting",
+                     "stable diffusion 1.5 inpainting", "sd-v1-5-inpainting"],
+    "sdxl": ["sdxl-base", "sdxl 1.0", "sdxl-base-1.0", "sdxl base 1.0", "stable-diffusion-xl",
+             "stable diffusion xl", "stable-diffusion-xl-base-1.0", "sd xl", "xl base"],
+    "sdxl-inpaint": ["sdxl-inpainting", "sdxl 1.0 inpainting", "stable-diffusion-xl-inpainting",
+                     "stable-diffusion-xl-1.0-inpainting-0.1"],
+    "sd3-medium": ["sd3", "sd 3 medium", "stable-diffusion-3-medium", "stable diffusion 3"],
+    "flux-schnell": ["flux schnell", "flux.1 schnell", "flux.1-schnell", "flux1-schnell"],
+    "flux-dev": ["flux dev", "flux.1 dev", "flux.1-dev", "flux1-dev"],
+    "llava-1.6-mistral-7b": ["llava", "llava-mistral", "llava 1.6", "llava-next", "llava-v1.6-mistral-7b",
+                             "llava-next-mistral-7b", "llava mistral 7b"],
+    "llava-1.6-vicuna-7b": ["llava-vicuna", "llava-vicuna-7b", "llava-v1.6-vicuna-7b"],
+    "llava-1.6-vicuna-13b": ["llava-13b", "llava-vicuna-13b", "llava-v1.6-vicuna-13b"],
+    "llava-1.6-34b": ["llava-34b", "llava-v1.6-34b"],
+}
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(text).lower())
+
+
+_BY_SQUASHED = {_squash(alias): name for name, aliases in ALIASES.items() for alias in [name, *aliases]}
+_BY_REPO = {spec.repo_id.lower(): name for name, spec in MODELS.items()}
+
+
+def canonical_name(name) -> str | None:
+    """The catalogue name that `name` means (a catalogue name, an alias in any case/spacing/punctuation, or a catalogue
+    model's hub id in any case), or None."""
+    text = str(name).strip()
+    if text in MODELS:
+        return text
+    if text.lower() in _BY_REPO:
+        return _BY_REPO[text.lower()]
+    if "/" in text or "\\" in text:
+        return None
+    return _BY_SQUASHED.get(_squash(text))
+
+
 # The VAE that keeps SDXL finite in fp16 (the stock SDXL VAE overflows to NaN/black images in half precision).
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
@@ -89,10 +135,11 @@ class Resolved:
     revision: str | None = None
     spec: ModelSpec | None = None
     tiny: bool = False          # a tiny random-weight stand-in (SMOKE MODE)
+    single_file: bool = False   # `source` is a one-file .safetensors checkpoint (helpers.one_file)
 
     @property
     def is_local(self) -> bool:
-        return Path(self.source).is_dir()
+        return Path(self.source).exists()
 
 
 def family_of_folder(folder) -> tuple[str | None, str | None]:
@@ -143,16 +190,21 @@ def resolve(name: str, task: str | None = None, family: str | None = None) -> Re
         raise ValueError(f"Model name must be a catalogue name, a hub id or a folder, not {name!r}. "
                          f"Known names: {', '.join(MODELS)}.")
     name = str(name).strip()
+    path = Path(name).expanduser()
+    if canonical_name(name) and not path.exists():
+        name = canonical_name(name)
     if name in MODELS:
         spec = MODELS[name]
         if smoke.is_tiny():
             return _tiny(spec.tiny, spec.family, task or spec.task, spec)
         return Resolved(source=spec.repo_id, family=spec.family, task=task or spec.task, revision=spec.revision,
                         spec=spec)
-    path = Path(name).expanduser()
-    if path.is_file():
-        raise ValueError(f"{name!r} is a single file; a model here is a diffusers/transformers folder, a hub id or "
-                         f"a catalogue name ({', '.join(MODELS)}). Single-file checkpoints are not supported yet.")
+    if path.is_file() or path.suffix.lower() == ".safetensors" or (path.suffix.lower() in one_file.PICKLE_SUFFIXES
+                                                                    and not path.is_dir()):
+        # the user's own file: read its header (never its weights), never swapped for a tiny stand-in
+        info = one_file.check_checkpoint(one_file.inspect(path))
+        return Resolved(source=str(path.resolve()), family=family or info.family, task=task or info.task,
+                        single_file=True)
     if path.is_dir():
         fam, native_task = family_of_folder(path)
         return Resolved(source=str(path.resolve()), family=family or fam, task=task or native_task)

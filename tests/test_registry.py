@@ -67,7 +67,7 @@ def test_tiny_switch_needs_the_family_of_an_unknown_id():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("sd-15", r"Unknown model 'sd-15'\. Did you mean 'sd15'"),
+    ("sd-16", r"Unknown model 'sd-16'\. Did you mean 'sd15'"),
     ("", "Model name must be a catalogue name"),
     ("./no/such/folder/here", "a local folder must exist"),
 ])
@@ -76,10 +76,49 @@ def test_bad_names(name, message):
         registry.resolve(name)
 
 
-def test_a_single_file_is_refused_with_what_to_pass(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="is a single file; a model here is a diffusers/transformers folder"):
-        registry.resolve(str(tmp_path / "model.safetensors"))
+@pytest.mark.parametrize("alias, name", [
+    ("sd-1.5", "sd15"), ("sd1.5", "sd15"), ("SD 1.5", "sd15"), ("sd15", "sd15"), ("Stable Diffusion v1.5", "sd15"),
+    ("sdxl-base", "sdxl"), ("sdxl 1.0", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("SDXL", "sdxl"),
+    ("sdxl inpainting", "sdxl-inpaint"), ("SD 1.5 Inpainting", "sd15-inpaint"), ("sd3", "sd3-medium"),
+    ("flux schnell", "flux-schnell"), ("FLUX.1-dev", "flux-dev"), ("llava-mistral", "llava-1.6-mistral-7b"),
+    ("LLaVA 1.6", "llava-1.6-mistral-7b"), ("llava-34b", "llava-1.6-34b"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"), ("Stable-Diffusion-V1-5/stable-diffusion-v1-5", "sd15"),
+    ("black-forest-labs/FLUX.1-schnell", "flux-schnell")])
+def test_aliases_and_catalogue_hub_ids_are_the_catalogue_models(alias, name, monkeypatch):
+    assert registry.canonical_name(alias) == name
+    monkeypatch.setenv("HELPERS_TINY", "0")
+    r = registry.resolve(alias)
+    assert r.spec is registry.MODELS[name] and r.source == registry.MODELS[name].repo_id
+
+
+def test_every_alias_names_a_catalogue_model_and_none_is_a_hub_id_or_another_name():
+    squashed = {}
+    for name, aliases in registry.ALIASES.items():
+        assert name in registry.MODELS
+        for alias in aliases:
+            assert "/" not in alias and squashed.setdefault(registry._squash(alias), name) == name, alias
+    assert registry.canonical_name("someone/sd15") is None and registry.canonical_name("sd-16") is None
+
+
+def test_a_one_file_checkpoint_is_the_users_own_model_even_in_smoke_mode(tmp_path):
+    """SMOKE MODE (HELPERS_TINY=1 here) swaps catalogue names for tiny models, never a file the user gives."""
+    from helpers import loading
+    from helpers.training import single_file
+
+    path = single_file.save_single_file(loading.load_sd("sd15-inpaint", task="inpaint"),
+                                        tmp_path / "my inpaint.safetensors")
+    r = registry.resolve(str(path))
+    assert (r.source, r.family, r.task, r.tiny, r.single_file, r.is_local) == (str(path), "sd15", "inpaint", False,
+                                                                               True, True)
+    assert registry.resolve(str(path), task="inpaint").task == "inpaint"
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_a_pickle_checkpoint_is_refused_with_how_to_convert_it(tmp_path, suffix):
+    (tmp_path / f"model{suffix}").write_bytes(b"PK\x03\x04 pickle")
+    with pytest.raises(ValueError, match=rf"model\{suffix}' is a pickle checkpoint.*\.safetensors version.*"
+                                         r"from_single_file\(path\)\.save_pretrained\(folder\)"):
+        registry.resolve(str(tmp_path / f"model{suffix}"))
 
 
 def test_bad_task_and_family():
