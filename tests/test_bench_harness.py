@@ -182,8 +182,8 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_still_run(monkeyp
 
 
 def test_an_unknown_model_name_is_refused_before_any_load():
-    with pytest.raises(ValueError, match="Unknown model 'sd-15'"):
-        bench.run_benchmark(["sd15", "sd-15"], prompts=PROMPTS)
+    with pytest.raises(ValueError, match="Unknown model 'sd-16'"):
+        bench.run_benchmark(["sd15", "sd-16"], prompts=PROMPTS)
 
 
 def test_bench_models_script_writes_its_report(tmp_path):
