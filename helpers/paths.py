@@ -40,3 +40,29 @@ def refuse_broad(path, field: str) -> Path:
         raise ValueError(f"`{field}` is {str(path)!r}, which is {why} ({path.expanduser().resolve()}): name one "
                          "folder of its own, e.g. .../datasets/my_style or .../runs/my_lora.")
     return path
+
+
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_NOT_IN_NAMES = set('<>:"/\\|?*')
+
+
+def safe_file_name(text, default: str = "output", max_chars: int = 100) -> str:
+    """A file name made from user text (a trigger word, a run name) that stays in its folder and is valid on Windows,
+    macOS and Linux: path separators, `<>:"|?*` and control characters become `_`, leading and trailing dots and
+    spaces go, Windows' reserved names (CON, NUL, COM1, ...) get a `_` in front. `default` where nothing is left."""
+    name = "".join("_" if c in _NOT_IN_NAMES or ord(c) < 32 or ord(c) == 127 else c for c in str(text or ""))
+    name = name.strip(" .")[:max_chars].strip(" .")
+    if name.split(".")[0].upper() in _RESERVED:
+        name = "_" + name
+    return name or default
+
+
+def plain_name(value, field: str) -> str:
+    """A name typed for one folder of the project (a run name): stripped, never empty, and a plain file name (no
+    `/`, `..` or characters Windows refuses), else a ValueError naming `field` and a name that would do."""
+    text = str(value if value is not None else "").strip()
+    if not text or safe_file_name(text, default="") != text:
+        suggestion = safe_file_name(text, default="my-run")
+        raise ValueError(f"`{field}` must be a plain folder name (letters, digits, spaces, - and _), not {value!r}: "
+                         f"e.g. {suggestion!r}.")
+    return text

@@ -4,7 +4,10 @@ Every file the project saves goes through `atomic_write`/`atomic_open`: the data
 same folder, flushed to disk, then renamed over the target in one step, so a crash mid-write leaves the old file whole.
 """
 import contextlib
+import hashlib
 import os
+import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -74,8 +77,57 @@ def project_paths(root: Path | str | None = None) -> ProjectPaths:
     paths = ProjectPaths(root=root, outputs=root / "outputs", datasets=root / "datasets", models=root / "models",
                          runs=root / "runs")
     for p in (paths.outputs, paths.datasets, paths.models, paths.runs):
-        p.mkdir(parents=True, exist_ok=True)
+        # a read-only or broken HELPERS_HOME (doctor reports it): nothing made is lost, as each write then goes to
+        # the local fallback with a notice (write_with_fallback)
+        with contextlib.suppress(OSError):
+            p.mkdir(parents=True, exist_ok=True)
     return paths
+
+
+class WriteFailed(OSError):
+    """A file could be written neither where it belongs nor to the local fallback (both disks full, say)."""
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether `error` is a failed write (disk full, Drive gone, read-only): an OSError, or what libraries raise for
+    the same causes instead: safetensors' SafetensorError ("I/O error: No space left on device") and torch.save's
+    RuntimeError from its zip writer ("[enforce fail at inline_container.cc] ... unexpected pos")."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    if type(error).__name__ == "SafetensorError":
+        return "I/O error" in text or "os error" in text
+    return isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+
+
+def free_space(path) -> str:
+    """'12.0 MiB free of 15.0 GiB' on the file system of `path` (or of its nearest folder that exists)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a rewritten `path` gets: those of the file it replaces, else what a new file gets under
+    the umask (not mkstemp's 0600, which would hide a shared dataset's captions from other users)."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -88,6 +140,7 @@ def atomic_open(path, mode: str = "wb", encoding: str | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
             yield f
             f.flush()
@@ -110,34 +163,60 @@ def _write_once(path, data: bytes | str, encoding: str) -> None:
 
 
 def fallback_path(path) -> Path:
-    """Where a file that cannot be written to `path` goes: the same place under LOCAL_FALLBACK (relative to the
-    project folder where `path` is in it, else its folder's name and its own)."""
-    path = Path(path)
+    """Where a file that cannot be written to `path` goes: the same place under LOCAL_FALLBACK, relative to the
+    project folder where `path` is in it; else under `elsewhere/<folder name>-<hash of its full path>/`, so that two
+    folders of the same name never share a fallback."""
+    path = Path(path).expanduser().absolute()
     try:
         relative = path.resolve().relative_to(project_root().resolve())
     except ValueError:
-        relative = Path(path.parent.name, path.name)
+        key = hashlib.sha256(str(path.parent.resolve()).encode()).hexdigest()[:10]
+        relative = Path("elsewhere", f"{path.parent.name}-{key}", path.name)
     return LOCAL_FALLBACK / relative
 
 
-def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
-    """Write `data` to `path` atomically (see atomic_open). A write that fails (Drive gone, disk full) is tried again
-    after WRITE_RETRY_DELAYS_S; if it still fails, the file goes to fallback_path(path) on this machine's disk, with a
-    message saying where. Returns the path the file is at."""
+def cannot_write(what, path, error, fallback=None, fallback_error=None) -> WriteFailed:
+    """The one-line stop when `what` could not be written to `path` (nor to `fallback`): the cause, the free space
+    there and the fix."""
+    where = f" nor to {fallback} on this machine's disk ({fallback_error}; {free_space(fallback)})" if fallback else ""
+    return WriteFailed(f"Could not write {what} to {path} ({error}; {free_space(path)}){where}. Free some space (on "
+                       "Drive: empty its bin, delete old runs or samples) or mount Drive again, then run the same "
+                       "cell again: nothing finished is lost. See TROUBLESHOOTING.md#disk-full")
+
+
+def write_with_fallback(path, write, what: str | None = None) -> Path:
+    """Call `write(path)` (which writes the whole file atomically); a write that fails (Drive gone, disk full: see
+    is_write_failure) is tried again after WRITE_RETRY_DELAYS_S, then `write(fallback_path(path))` on this machine's
+    disk, with a message saying where. Where that fails too, WriteFailed (one line: the cause, the free space, the
+    fix). Returns the path the file is at."""
+    what = what or Path(path).name
     for delay in (*WRITE_RETRY_DELAYS_S, None):
         try:
-            _write_once(path, data, encoding)
+            write(Path(path))
             return Path(path)
-        except OSError as e:
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
             error = e
             if delay is not None:
                 print(f"Writing {path} failed ({e}); trying again in {delay} s.")
                 time.sleep(delay)
     target = fallback_path(path)
-    _write_once(target, data, encoding)
+    try:
+        write(target)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise cannot_write(what, path, error, target, e) from e
     print(f"Could not write {path} ({error}). Saved it to {target} on this machine's disk instead: it is lost when "
           "the session ends; copy it to Drive once Drive works again (see TROUBLESHOOTING.md#drive-write-fails).")
     return target
+
+
+def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write `data` to `path` atomically (see atomic_open), through write_with_fallback: retried, then saved to the
+    local fallback with a message, else one WriteFailed line. Returns the path the file is at."""
+    return write_with_fallback(path, lambda target: _write_once(target, data, encoding))
 
 
 def fsync_dir(folder: Path) -> None:

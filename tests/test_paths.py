@@ -53,3 +53,12 @@ def test_clean_caption_refuses_a_bad_max_chars(max_chars):
 
 def test_clean_caption_leaves_no_trailing_space():
     assert not captions.clean_caption("a red barn in the snow at dusk", "detailed", max_chars=9).endswith(" ")
+
+
+@pytest.mark.parametrize("text, name", [("../../escape", "_.._escape"), ("a/b", "a_b"), ("a\\b", "a_b"),
+                                        ("sks:dog", "sks_dog"), ("<lora>", "_lora_"), ("CON", "_CON"),
+                                        ("nul.txt", "_nul.txt"), (" .. ", "output"), ("", "output"), (None, "output"),
+                                        ("tab\there", "tab_here"), ("日本 cat", "日本 cat"), ("sks", "sks")])
+def test_file_names_made_from_user_text_stay_in_their_folder(text, name):
+    assert paths.safe_file_name(text) == name
+    assert paths.safe_file_name("x" * 300) == "x" * 100

@@ -86,3 +86,32 @@ def test_next_free_path_never_overwrites(tmp_path):
     first.write_bytes(b"x")
     (tmp_path / "00007-1.png").write_bytes(b"x")
     assert storage.next_free_path(tmp_path, ".png", "43").name == "00008-43.png"
+
+
+def test_a_rewritten_file_keeps_its_mode_and_a_new_one_gets_the_umasks(tmp_path):
+    import stat
+
+    shared = tmp_path / "caption.txt"
+    shared.write_text("old")
+    shared.chmod(0o664)
+    storage.atomic_write(shared, "new")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664 and shared.read_text() == "new"
+    old = os.umask(0o022)
+    try:
+        fresh = storage.atomic_write(tmp_path / "fresh.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644   # not mkstemp's 0600
+
+
+def test_an_image_made_while_the_project_folder_is_broken_is_saved_to_the_fallback(sd, tmp_path, monkeypatch, capsys):
+    from helpers import diffusion
+
+    broken = tmp_path / "home"
+    broken.write_text("a file where the project folder should be")
+    monkeypatch.setenv(storage.ENV_HOME, str(broken))
+    monkeypatch.setattr(storage, "WRITE_RETRY_DELAYS_S", ())
+    monkeypatch.setattr(storage, "LOCAL_FALLBACK", tmp_path / "local")
+    result = diffusion.generate(sd, "a red square", num_inference_steps=2, width=64, height=64, seed=1, progress=False)
+    [path] = result.save()
+    assert path.is_file() and path.is_relative_to(tmp_path / "local") and "instead" in capsys.readouterr().out

@@ -94,15 +94,21 @@ def _adapter_metadata(peft_sd: dict, alpha, component: str) -> dict:
 
 def _write_replacing(target: Path, write) -> Path:
     """Call `write(staging_path)` for a file in a hidden folder beside `target`, then rename it over `target` in one
-    step. On any error the staging folder is removed and `target` is left as it was."""
+    step. On any error the staging folder is removed and `target` is left as it was. A failed write (Drive gone, disk
+    full) is retried, then saved to the local fallback with a notice (storage.write_with_fallback). Returns the path
+    the file is at."""
+    return storage.write_with_fallback(target, lambda path: _replace_once(path, write))
+
+
+def _replace_once(target: Path, write) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         staged = staging / target.name
         write(staged)
-        if not staged.is_file():
-            raise OSError(f"Saving {target.name} wrote no file.")
+        if not staged.is_file():   # a bug, not a full disk: not retried
+            raise RuntimeError(f"Saving {target.name} wrote no file.")
         with open(staged, "rb") as f:
             os.fsync(f.fileno())
         os.replace(staged, target)

@@ -98,21 +98,52 @@ def read_losses(run_dir: Path, step: int, rewrite: bool = True) -> list[float]:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
     kept = [value for s, value in rows if s <= step]
     if rewrite:
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "loss"])
-            writer.writerows(enumerate(kept, 1))
+        write_losses(run_dir, kept)
     return kept
 
 
-def append_loss(run_dir: Path, step: int, value: float) -> None:
+def _rows(values, first: int = 1) -> str:
+    return "".join(f"{step},{value:.6f}\n" if math.isfinite(value) else f"{step},{value}\n"
+                   for step, value in enumerate(values, first))
+
+
+def write_losses(run_dir: Path, values: list[float]) -> bool:
+    """loss.csv made anew from `values` (steps 1..n), atomically. The log is a view of the run (the checkpoints
+    hold the losses too): where it cannot be written, say so and return False; training goes on."""
+    from .. import storage
+
+    try:
+        with storage.atomic_open(Path(run_dir) / "loss.csv", "w") as f:
+            f.write("step,loss\n" + _rows(values))
+        return True
+    except OSError as e:
+        print(f"Could not write {Path(run_dir) / 'loss.csv'} ({e}); the losses are kept with the checkpoints, and the "
+              "log is written again with the next one.")
+        return False
+
+
+def append_loss(run_dir: Path, step: int, value: float) -> bool:
+    """One row of loss.csv, tried again after a failed write (a Drive hiccup) and made again where the run folder
+    was deleted. Where it keeps failing, False (the caller rewrites the log with write_losses later)."""
+    import time
+
+    from .. import storage
+
     path = Path(run_dir) / "loss.csv"
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["step", "loss"])
-        writer.writerow([step, f"{value:.6f}" if math.isfinite(value) else value])
+    for delay in (*storage.WRITE_RETRY_DELAYS_S, None):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.is_file()
+            with path.open("a", newline="") as f:
+                f.write(("step,loss\n" if new else "") + _rows([value], step))
+            return True
+        except OSError as e:
+            if delay is None:
+                print(f"Could not add step {step} to {path} ({e}); training goes on, and the log is written again "
+                      "with the next checkpoint.")
+                return False
+            time.sleep(delay)
+    return False
 
 
 def plot_losses(run_dir: Path, values: list[float]) -> Path:
@@ -127,7 +158,8 @@ def plot_losses(run_dir: Path, values: list[float]) -> Path:
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     figure.tight_layout()
-    path = Path(run_dir) / "loss.png"
-    with storage.atomic_open(path) as f:
-        figure.savefig(f, format="png")
-    return path
+    def write(path):
+        with storage.atomic_open(path) as f:
+            figure.savefig(f, format="png")
+
+    return storage.write_with_fallback(Path(run_dir) / "loss.png", write)
