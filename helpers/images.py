@@ -25,6 +25,11 @@ def open_image(source, min_side: int = 8, max_pixels: int = 64_000_000):
     from PIL import Image, UnidentifiedImageError
 
     fix = "Re-save it as PNG or JPEG."
+    if isinstance(source, str):   # a pasted path or link: surrounding spaces and quotes are not part of it
+        source = source.strip().strip("\"'").strip()
+        if not source:
+            raise ValueError("The image path is empty: type a file path (on Drive: /content/drive/MyDrive/...) or "
+                             "an http(s) URL.")
     if isinstance(source, Image.Image):
         name = f"<PIL image {source.width}x{source.height} {source.mode}>"
     elif isinstance(source, str) and source.lower().startswith(("http://", "https://")):

@@ -65,3 +65,12 @@ def test_02_refuses_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="`IMAGE_FOLDER` is '.', which is the current folder"):
         run_cells("02_detailed_captioning.ipynb", 2, IMAGE_FOLDER=".")
+
+
+def test_05_a_blank_image_field_means_the_sample_and_a_pasted_path_is_stripped(tmp_path):
+    from PIL import Image
+
+    assert run_cells("05_img2img_inpainting.ipynb", 2, IMAGE="   ")["image"].size == (256, 256)   # the sample
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "mine.png")
+    pasted = f"  '{tmp_path / 'mine.png'}' "
+    assert run_cells("05_img2img_inpainting.ipynb", 2, IMAGE=pasted)["image"].size == (64, 48)

@@ -214,3 +214,24 @@ def test_asking_for_fewer_steps_than_a_run_has_done_is_refused_before_loading(da
     monkeypatch.setattr(loading, "load_sd", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="`max_train_steps` is 2, but the run in .* has already trained 4 steps"):
         loop.train_lora(config(dataset, tmp_path / "run", max_train_steps=2), progress=False)
+
+
+def test_a_second_training_of_the_same_run_folder_is_refused_while_the_first_runs(dataset, tmp_path):
+    import sys
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from helpers.training import loop; "
+                               "lock = loop.run_lock(Path(sys.argv[1])); lock.__enter__(); print('held', flush=True); "
+                               "time.sleep(120)", str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"Another training is running in .* \\(process {holder.pid}\\)"):
+            loop.train_lora(config(dataset, run_dir), progress=False)
+        assert not list(run_dir.glob("checkpoint-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+    result = loop.train_lora(config(dataset, run_dir, max_train_steps=2), progress=False)   # free once it ended
+    assert result.steps == 2

@@ -79,10 +79,61 @@ def check_full_fits(model: str, family: str, profile, optimizer: str = "auto", r
                          f"with at least {need + 1:.0f} GiB.")
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold `run_dir/.lock` (an flock) while a run trains, so that a second training of the same run folder (another
+    cell, another shell) stops at once instead of mixing its checkpoints into this one's. Taken by the main process
+    only (RANK 0: accelerate sets RANK in each process it launches); where the file system has no locks (some FUSE
+    mounts), the run goes on unlocked."""
+    import errno
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        # held open for reading only: a file open for writing would keep the mount from turning read-only, as Drive
+        # does in a hiccup, and flock needs no write access
+        handle = open(path)   # noqa: SIM115 (held for the whole run)
+    except OSError:   # an unwritable run folder: start_run says so in one line
+        handle = None
+    with handle or contextlib.nullcontext():
+        locked = False
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise ValueError(f"Another training is running in {str(run_dir)!r} ({holder}): wait for it to "
+                                     "end or stop it; two at once would mix their checkpoints. To train something "
+                                     "else, use another run folder (RUN_NAME).") from None
+                # else: no locks on this file system; the run goes on unlocked
+        if locked:
+            with contextlib.suppress(OSError):
+                path.write_text(f"process {os.getpid()}\n")
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def train_lora(config: TrainConfig, stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) a LoRA on the UNet (or, with method='full', the whole UNet). `stop_after`: stop once that
     many steps are done (without the final export), as a disconnect would; the next call resumes. Under
-    `accelerate launch` with several processes, call it in every process (the CLI does)."""
+    `accelerate launch` with several processes, call it in every process (the CLI does). One training at a time
+    per run folder (run_lock)."""
+    with run_lock(Path(config.run_dir)):
+        return _train_lora(config, stop_after, progress)
+
+
+def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
