@@ -6,6 +6,7 @@
     python -m helpers caption FOLDER [--style detailed] [--trigger WORD] [--overwrite]
                                                  a kohya-style .txt caption beside every image (resumable)
     python -m helpers generate "PROMPT" [--negative ...] [--sampler NAME] [--steps N] [--seed S] [--out DIR]
+                                                 [--lora FILE[:SCALE[:NAME]] ...]
     python -m helpers inpaint IMAGE MASK "PROMPT" [--strength 0.75] [--only-masked] [--out DIR]
     python -m helpers train-lora CONFIG.json [--set KEY=VALUE ...] [--steps N]
                                                  train (or resume) a LoRA (SD 1.5 or SDXL; use_dora) from the config
@@ -18,8 +19,14 @@
                                                  what MODEL needs and whether (and how) it fits that GPU
     python -m helpers bench [--models sd15 sdxl ...] [--shape-true] [--steps N] [--size PX] [--out DIR]
                                                  the same prompts and seeds through each model: speed, memory, quality
+    python -m helpers check-dataset FOLDER [--resolution 512]
+                                                 every image of a training folder opened: what would spoil a run
+
+Every known error is one `error: ...` line (exit code 2); --debug (or HELPERS_DEBUG=1) shows its traceback. Ctrl-C
+stops with exit code 130; a training run or captioning resumes where it stopped when run again.
 """
 import argparse
+import functools
 import os
 import socket
 import sys
@@ -27,10 +34,54 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from . import oom, runtime, smoke, storage
+from . import oom, prompts, runtime, smoke, storage
 
 DEMO_SD, DEMO_LLAVA = "sd15", "llava-1.6-mistral-7b"
 CAPTION_STYLES = ("short", "detailed", "tags")  # helpers.captions.STYLES, named here to keep the CLI start light
+# what the CLI prints as one `error:` line: bad input (ValueError, and its kinds one_file.CheckpointFileError and
+# planner.PlanUnavailable), missing files and failed loads (OSError: loading's "Could not load ..."), NaN images, out
+# of memory. Anything else is a bug, and keeps its traceback.
+KNOWN_ERRORS = (ValueError, OSError, FloatingPointError, oom.OutOfMemoryStop)
+RESUMABLE = ("train-lora", "dreambooth", "caption")   # Ctrl-C: run the same command again to resume
+
+
+# --- argument types: a bad number is refused by the parser, before anything is imported or loaded ------------------
+
+def _number(kind, low, high=None, what=None):
+    """An argparse `type` that reads a `kind` (int or float) from `low` to `high` (None: no top)."""
+    what = what or (f"a whole number from {low}" if kind is int else f"a number from {low}") + \
+        (f" to {high}" if high is not None else " up")
+
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= (high if high is not None else value):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    return read
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+steps_int = _number(int, 1, 500, "a whole number of steps from 1 to 500 (20-30 is usual)")
+
+
+def _folder_check(args) -> None:
+    """Refuse, in one line, a HELPERS_HOME this command would write into or a HELPERS_CACHE it would read its tiny
+    models from that is a file or read-only (`python -m helpers doctor` reports the same)."""
+    from .doctor import folder_problems
+
+    writes_home = args.command in ("demo", "generate", "inpaint", "bench", "download") and not getattr(args, "out",
+                                                                                                       None)
+    loads_models = args.command not in ("doctor", "plan", "check-dataset", "download")
+    for variable, problem in folder_problems().items():
+        if (variable == storage.ENV_HOME and writes_home) or (variable == storage.ENV_CACHE and loads_models):
+            raise ValueError(f"{problem}: point {variable} at a folder you can write to, or unset it"
+                             + (" (or pass --out)" if variable == storage.ENV_HOME else "")
+                             + ". See TROUBLESHOOTING.md#unusable-folder")
 
 
 # --- doctor ----------------------------------------------------------------------------------------------------------
@@ -114,7 +165,7 @@ def _smoke_notice() -> None:
 def chat(args) -> int:
     from . import images, loading, vlm
 
-    if not args.question.strip():  # bad input is refused before a model of several GB is loaded
+    if prompts.is_blank(args.question):  # bad input is refused before a model of several GB is loaded
         raise ValueError(f"The question must be a non-empty string, not {args.question!r}.")
     image = images.open_image(args.image)
     settings = vlm.GenerationSettings(max_new_tokens=args.max_new_tokens)
@@ -141,22 +192,32 @@ def caption(args) -> int:
 
 # --- Stable Diffusion from the shell -------------------------------------------------------------------------------
 
-def _lora_arg(text: str) -> tuple[str, float]:
-    """PATH_OR_ID[:SCALE] -> (source, scale); a Windows drive letter or URL colon is not a scale."""
-    source, _, scale = text.rpartition(":")
-    try:
-        return (source, float(scale)) if source else (text, 1.0)
-    except ValueError:
-        return text, 1.0
+def _lora_arg(text: str) -> tuple[str, float, str | None]:
+    """PATH_OR_ID[:SCALE[:NAME]] -> (source, scale, name), split from the right: a colon in the path (a URL's, say)
+    stays in the path unless a number follows it."""
+    def number(part):
+        try:
+            return float(part)
+        except ValueError:
+            return None
+
+    parts = text.rsplit(":", 2)
+    if len(parts) == 3 and parts[0] and number(parts[1]) is not None:
+        return parts[0], number(parts[1]), parts[2].strip() or None
+    parts = text.rsplit(":", 1)
+    if len(parts) == 2 and parts[0] and number(parts[1]) is not None:
+        return parts[0], number(parts[1]), None
+    return text, 1.0, None
 
 
 def _generate(args, **task) -> int:
-    from . import diffusion, images, loading, lora, samplers
+    from . import diffusion, images, loading, lora, masks, samplers
 
     settings = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
                     width=args.width, height=args.height, num_images_per_prompt=args.batch_size,
                     batch_count=args.batch_count, seed=args.seed, sampler=args.sampler, clip_skip=args.clip_skip)
     # bad input is refused before a model of several GB is loaded
+    prompts.check_prompt(args.prompt)
     diffusion.check_arguments(args.prompt, args.steps, args.cfg, args.width, args.height, args.batch_size,
                               args.batch_count, args.seed, task.get("strength", 0.75), task.get("image"),
                               task.get("mask_image"))
@@ -164,10 +225,13 @@ def _generate(args, **task) -> int:
         samplers.canonical(args.sampler)
     if "image" in task:
         task["image"] = images.open_image(task["image"])
+    if "mask_image" in task:  # read, and resized to the image (with a notice), before loading
+        task["mask_image"] = masks.load_mask(task["mask_image"], size=task["image"].size)
+    loras = [(lora.prepare(source, scale=scale), scale, name) for source, scale, name in map(_lora_arg, args.lora)]
     _smoke_notice()
     pipe = loading.load_sd(args.model, task="inpaint" if "mask_image" in task else "txt2img")
-    for source, scale in map(_lora_arg, args.lora):
-        lora.load_lora(pipe, source, scale=scale)
+    for path, scale, name in loras:
+        lora.load_lora(pipe, str(path), scale=scale, name=name)
     result = diffusion.generate(pipe, args.prompt, **settings, **task)
     for path in result.save(args.out):
         print(path)
@@ -247,16 +311,17 @@ def dreambooth(args) -> int:
 def _sd_arguments(p, model: str) -> None:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'DPM++ 2M Karras' (default: the model's own)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=steps_int, default=25)
     p.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
     p.add_argument("--seed", type=int, default=-1, help="-1: random (the seed used is saved in the PNG)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--batch-count", type=int, default=1)
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA (file, hub id or Google Drive link) and its scale; repeat for several")
+    p.add_argument("--clip-skip", type=_number(int, 1, 12, "a whole number from 1 (no skip) to 12"), default=1)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE[:NAME]]",
+                   help="a LoRA (file, run folder, hub id or Google Drive link), its scale (default 1) and adapter "
+                        "name (default: from the file, or its run's folder); repeat for several")
     p.add_argument("--model", default=model, help="a catalogue name, hub id or local folder")
     p.add_argument("--out", help="output folder (default: the project's outputs/<task>)")
 
@@ -267,6 +332,15 @@ def plan(args) -> int:
     from . import planner
 
     print(planner.describe(planner.plan(args.model, args.gpu, resolution=args.resolution, batch=args.batch)))
+    return 0
+
+
+# --- download --------------------------------------------------------------------------------------------------------
+
+def download(args) -> int:
+    from . import models
+
+    print(models.download(args.url, kind=args.kind, progress=args.progress))
     return 0
 
 
@@ -285,6 +359,10 @@ def _bench_argv(args) -> list[str]:
 
 def bench(args) -> int:
     from . import bench as harness
+    from .bench.harness import check_reference
+
+    if args.quality and not args.shape_true:
+        check_reference(args.reference, "--reference")  # before any model runs
 
     if not smoke.is_tiny() and not args.shape_true and runtime.detect_profile().device != "cuda":
         print("SMOKE MODE: no CUDA GPU here, so the benchmark runs on tiny random-weight models (its figures are the "
@@ -311,41 +389,58 @@ def bench(args) -> int:
     return 1 if failed else 0
 
 
+# --- check-dataset ---------------------------------------------------------------------------------------------------
+
+def check_dataset(args) -> int:
+    from .training import datasets
+
+    report = datasets.check_dataset(args.folder, args.resolution, progress=False)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of known errors too (as "
+                                                             "HELPERS_DEBUG=1 does)")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command, too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("doctor", help="check the runtime, versions, GPU, Drive; known problems with their fixes")
+    command = functools.partial(sub.add_parser, parents=[common])
+
+    p = command("doctor", help="check the runtime, versions, GPU, Drive; known problems with their fixes")
     p.add_argument("--model", help="also check RAM and hub token for this catalogue model, e.g. sd3-medium")
-    p = sub.add_parser("demo", help="generate an image with SD 1.5 and describe it with LLaVA 1.6 "
-                                    "(tiny offline models where there is no GPU or hub)")
+    p = command("demo", help="generate an image with SD 1.5 and describe it with LLaVA 1.6 "
+                             "(tiny offline models where there is no GPU or hub)")
     p.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset, soft light")
     p.add_argument("--negative", default="blurry, low quality")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=steps_int, default=25)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="output folder (default: the project's outputs/demo)")
     p.add_argument("--progress", action="store_true", help="show the denoising progress bar")
     for name, text in (("chat", "answer a question about an image with LLaVA 1.6"),
                        ("caption", "caption every image in a folder into .txt files beside them")):
-        p = sub.add_parser(name, help=text)
+        p = command(name, help=text)
         if name == "chat":
             p.add_argument("image", help="an image file or URL")
             p.add_argument("question")
-            p.add_argument("--max-new-tokens", type=int, default=256)
+            p.add_argument("--max-new-tokens", type=positive_int, default=256)
         else:
             p.add_argument("folder")
             p.add_argument("--style", choices=list(CAPTION_STYLES), default="detailed")
             p.add_argument("--trigger", help="a trigger word (or prefix) put first in every caption")
             p.add_argument("--overwrite", action="store_true", help="replace existing captions (default: skip)")
-            p.add_argument("--batch-size", type=int, default=4)
+            p.add_argument("--batch-size", type=positive_int, default=4)
             p.add_argument("--max-chars", type=int, help="cut captions at the last whole sentence that fits")
         p.add_argument("--model", default=DEMO_LLAVA, help="a catalogue name, hub id or local folder")
         p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto")
-    p = sub.add_parser("generate", help="txt2img with A1111 controls; PNGs carry their parameters")
+    p = command("generate", help="txt2img with A1111 controls; PNGs carry their parameters")
     p.add_argument("prompt")
-    p.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: upscale by this, then img2img")
+    p.add_argument("--hires-scale", type=_number(float, 1, 4, "a number from 1 (off) to 4"), default=1.0,
+                   help="hires fix: upscale by this, then img2img")
     _sd_arguments(p, "sd15")
-    p = sub.add_parser("inpaint", help="repaint the white area of MASK in IMAGE")
+    p = command("inpaint", help="repaint the white area of MASK in IMAGE")
     p.add_argument("image")
     p.add_argument("mask", help="white = repaint, black = keep")
     p.add_argument("prompt")
@@ -358,40 +453,64 @@ def main(argv=None) -> int:
     for name, text in (("train-lora", "train (or resume) a LoRA from a config.json of TrainConfig fields"),
                        ("dreambooth", ("train (or resume) a DreamBooth run (LoRA, or method=full) from a "
                                        "config.json with instance_prompt (and class_prompt for prior preservation)"))):
-        p = sub.add_parser(name, help=text)
+        p = command(name, help=text)
         p.add_argument("config", help="the config.json (the notebook writes one into the run folder), or that folder")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field (the value is read as JSON where it parses, else as text); repeat for "
                             "several, e.g. --set max_train_steps=500 --set trigger=sks")
-        p.add_argument("--steps", type=int, help="the total number of training steps (same as --set "
-                                                 "max_train_steps=N)")
+        p.add_argument("--steps", type=positive_int, help="the total number of training steps (same as --set "
+                                                          "max_train_steps=N)")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p = sub.add_parser("plan", help="what a catalogue model needs (weights, activations, RAM) and how it fits a GPU")
-    p.add_argument("model", help="a catalogue name, e.g. sdxl or llava-1.6-mistral-7b")
+    p = command("plan", help="what a catalogue model needs (weights, activations, RAM) and how it fits a GPU")
+    p.add_argument("model", help="a catalogue name or alias (sdxl, 'SD 1.5'), a hub id, a folder or a one-file "
+                                 ".safetensors checkpoint")
     p.add_argument("--gpu", default="t4", choices=["t4", "l4", "a100-40", "a100-80", "cpu"])
-    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's native size)")
-    p.add_argument("--batch", type=int, default=1, help="images at once")
-    p = sub.add_parser("bench", help="benchmark models on the same prompts and seeds: speed, VRAM, RAM, CLIP score")
+    p.add_argument("--resolution", type=positive_int, help="image size in pixels (default: the model's native size)")
+    p.add_argument("--batch", type=positive_int, default=1, help="images at once")
+    p = command("bench", help="benchmark models on the same prompts and seeds: speed, VRAM, RAM, CLIP score")
     p.add_argument("--models", nargs="+", default=["sd15", "sdxl"], help="catalogue names, hub ids or folders")
     p.add_argument("--shape-true", action="store_true", help="real-size architectures with random weights: speed and "
                                                             "memory only, no download")
-    p.add_argument("--steps", type=int, help="denoising steps (default: each model's usual)")
-    p.add_argument("--size", type=int, help="square image side in pixels (default: each model's native size)")
+    p.add_argument("--steps", type=steps_int, help="denoising steps (default: each model's usual)")
+    p.add_argument("--size", type=positive_int, help="square image side in pixels (default: each model's native "
+                                                     "size)")
     p.add_argument("--prompts", help="a .tsv/.csv with a Prompt column or a .txt (default: assets/prompts)")
     p.add_argument("--seed", type=int, default=0, help="prompt i gets seed + i, for every model")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs after each load")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="warm-up runs after each load")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="skip the CLIP score")
     p.add_argument("--reference", help="a folder of reference images: adds FID and KID against it")
     p.add_argument("--vram-cap", type=float, help="cap CUDA memory at this many GiB (15: a T4 on a larger GPU)")
     p.add_argument("--out", help="results folder (default: the project's outputs/bench/<date-time>)")
+    p = command("download", help="fetch a model, LoRA or embedding from a link (Civitai page or download link, "
+                                 "Hugging Face file URL, direct or Drive link) into the project's models/ folder; "
+                                 "resumed if cut, reused if fetched before")
+    p.add_argument("url")
+    p.add_argument("--kind", choices=["checkpoint", "lora", "embedding"],
+                   help="where it goes (default: Civitai's type, else checkpoint)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p = command("check-dataset", help="open every image of a training folder and report what would spoil a run "
+                                      "(unreadable, too small, uncaptioned); exit code 1 when not ready")
+    p.add_argument("folder", help="the dataset folder (kohya layout: N_concept sub-folders, or images directly)")
+    p.add_argument("--resolution", type=positive_int, default=512, help="the training resolution (images under half "
+                                                                        "of it a side are too small)")
     args = parser.parse_args(argv)
-    runtime.quiet_logging()
+    debug = args.debug or os.environ.get("HELPERS_DEBUG", "") not in ("", "0")
+    commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
+                "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth, "plan": plan, "bench": bench,
+                "check-dataset": check_dataset, "download": download}
     try:
-        commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
-                    "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth, "plan": plan,
-                    "bench": bench}
+        runtime.quiet_logging()
+        _folder_check(args)
         return commands[args.command](args)
-    # bad input, NaN, out of memory: the message says what to do, no traceback
-    except (ValueError, FileNotFoundError, FloatingPointError, oom.OutOfMemoryStop) as e:
-        print(f"error: {e}", file=sys.stderr)
+    # bad input, a failed load, NaN, out of memory: the message says what to do, no traceback
+    except KNOWN_ERRORS as e:
+        if debug:
+            raise
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("stopped; run the same command again to resume" if args.command in RESUMABLE else "stopped",
+              file=sys.stderr)
+        return 130

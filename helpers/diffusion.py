@@ -51,10 +51,31 @@ def task_pipeline(pipe, task: str):
         return pipe
     derived = getattr(diffusers, TASK_PIPELINES[task]).from_pipe(pipe)
     derived.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    for attr in ("_helpers_loras", "_helpers_base_scheduler_config", "_helpers_model_name"):
+    for attr in ("_helpers_loras", "_helpers_lora_files", "_helpers_base_scheduler_config", "_helpers_model_name",
+                 "_helpers_model_file"):
         if hasattr(pipe, attr):
             setattr(derived, attr, getattr(pipe, attr))
     return derived
+
+
+def _model_hash(pipe) -> dict:
+    """{"Model hash": A1111's short hash (sha256[:10]) of the model's main weights file} where one is known (a
+    one-file checkpoint, or a folder's UNet file; computed once, helpers.models.file_hash), else {}."""
+    from . import models
+
+    path = getattr(pipe, "_helpers_model_file", None)
+    if not path or not Path(path).is_file():
+        return {}
+    return {"Model hash": models.file_hash(path)[:10]}
+
+
+def _lora_hashes(pipe, loras: dict) -> str:
+    """`name: sha256[:12]` of each loaded LoRA whose file is known, comma-separated (A1111's `Lora hashes`)."""
+    from . import models
+
+    files = getattr(pipe, "_helpers_lora_files", {})
+    return ", ".join(f"{name}: {models.file_hash(files[name])[:12]}" for name in loras
+                     if name in files and Path(files[name]).is_file())
 
 
 def _nearest_8(value: int) -> int:
@@ -63,8 +84,9 @@ def _nearest_8(value: int) -> int:
 
 def check_arguments(prompt, num_inference_steps, guidance_scale, width, height, num_images_per_prompt, batch_count, seed,
            strength, image, mask_image):
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"`prompt` must be a non-empty string, not {prompt!r}: describe the image you want.")
+    from .prompts import check_prompt
+
+    check_prompt(prompt)   # NUL or zero-width characters alone are empty too
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 500:
         raise ValueError(f"`num_inference_steps` must be an integer from 1 to 500, not {num_inference_steps!r} "
                          "(20-30 is usual).")
@@ -223,7 +245,8 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
         images = [masks.paste_back(inpaint["original"], im, inpaint["soft_mask"], inpaint["box"]) for im in images]
 
     settings = {"task": task, "Steps": steps, "Sampler": samplers.sampler_name(work), "CFG scale": guidance_scale,
-                "Size": f"{width}x{height}", "Model": model_name or getattr(pipe, "_helpers_model_name", "") or
+                "Size": f"{width}x{height}", **_model_hash(pipe),
+                "Model": model_name or getattr(pipe, "_helpers_model_name", "") or
                 getattr(pipe.config, "_name_or_path", "")}
     if task != "txt2img":
         settings["Denoising strength"] = strength
@@ -236,6 +259,9 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
     loras = getattr(pipe, "_helpers_loras", {})
     if loras:
         settings["Lora"] = " ".join(f"{name}:{scale:g}" for name, scale in loras.items())
+        hashes = _lora_hashes(pipe, loras)
+        if hashes:
+            settings["Lora hashes"] = hashes   # A1111 1.9's form, quoted (it holds colons): "name: sha256[:12], ..."
     if hires_scale > 1:
         images = _hires_fix(work, call, images, seeds, hires_scale, hires_strength, hires_steps or steps, progress)
         # as A1111 writes it: Size is the first pass; the upscale and its strength say the rest

@@ -54,6 +54,7 @@ class Environment:
     token: bool = False                   # a hub token is set (HF_TOKEN, the Colab secret, or `hf auth login`)
     offline: bool = False
     version_problems: list = field(default_factory=list)  # (name, installed or None, tested range)
+    folders: dict = field(default_factory=dict)  # HELPERS_HOME / HELPERS_CACHE -> why it cannot hold files (if so)
 
 
 # --- reading the machine ------------------------------------------------------------------------------------------
@@ -117,6 +118,34 @@ def version_problems() -> list[tuple[str, str | None, str]]:
     return problems
 
 
+def folder_problem(path) -> str | None:
+    """Why the kit cannot write into the folder `path` (made on first use), or None: it, or the nearest path above
+    it that exists, is a file or is read-only."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return "is a file, not a folder" if existing == path else f"is below {str(existing)!r}, a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is read-only" if existing == path else f"is below {str(existing)!r}, a read-only folder"
+    return None
+
+
+def folder_problems() -> dict[str, str]:
+    """{variable: "HELPERS_HOME='/x' is read-only"} for each of HELPERS_HOME and HELPERS_CACHE that is set to a folder
+    the kit cannot write into."""
+    from . import storage
+
+    problems = {}
+    for variable in (storage.ENV_HOME, storage.ENV_CACHE):
+        value = os.environ.get(variable)
+        problem = folder_problem(value) if value else None
+        if problem:
+            problems[variable] = f"{variable}={value!r} {problem}"
+    return problems
+
+
 def gather(model: str | None = None) -> Environment:
     """The facts of this machine that the checks need."""
     from huggingface_hub import get_token
@@ -125,7 +154,8 @@ def gather(model: str | None = None) -> Environment:
     env = Environment(profile=profile, model=model, token=bool(get_token()),
                       offline=os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
                       versions={d: _version(d) for d in SHOWN_VERSIONS + ("xformers", "torchvision")},
-                      drive_mounted=Path("/content/drive/MyDrive").is_dir(), version_problems=version_problems())
+                      drive_mounted=Path("/content/drive/MyDrive").is_dir(), version_problems=version_problems(),
+                      folders=folder_problems())
     env.nvidia_gpu, env.driver_cuda = _nvidia()
     if profile.torch_version is not None:
         import torch
@@ -280,10 +310,20 @@ def check_versions(env: Environment) -> list[Finding]:
     return findings
 
 
+def check_folders(env: Environment) -> list[Finding]:
+    what = {"HELPERS_HOME": "the project folder (outputs, datasets, models, runs)",
+            "HELPERS_CACHE": "the cache of rebuildable files (the tiny models, tokenizers, file hashes)"}
+    return [Finding("unusable-folder", problem, f"{variable} names {what.get(variable, 'a folder')}, and the kit "
+                    "cannot write there", f"point {variable} at a folder you can write to (export {variable}=/path), "
+                    f"or unset it for the default")
+            for variable, problem in env.folders.items()]
+
+
 CHECKS = {"no-gpu": check_no_gpu, "bf16-on-t4": check_bf16_on_t4, "torch-cuda-mismatch": check_torch_cuda,
           "bitsandbytes-without-cuda": check_bitsandbytes, "xformers-mismatch": check_xformers,
           "torchvision-broken": check_torchvision, "low-ram": check_ram, "drive-not-mounted": check_drive,
-          "missing-token": check_token, "versions": check_versions}
+          "missing-token": check_token, "versions": check_versions,
+          "unusable-folder": check_folders}
 
 
 def run_checks(env: Environment) -> list[Finding]:

@@ -146,7 +146,9 @@ def save_image(image, folder, parameters: str | None = None, label: str = "") ->
 def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:
     """The A1111 "parameters" text: the prompt, a "Negative prompt:" line, then "Key: value" pairs, e.g.
     parameters_text("a cat", "blurry", Steps=25, Sampler="Euler a", CFG_scale=7, Seed=1, Size="512x512").
-    Underscores in keys become spaces; a value with a comma or a quote is quoted, as A1111 does."""
+    Underscores in keys become spaces; a value with a comma, a colon, a line break or a quote is quoted (JSON,
+    non-ASCII kept), as A1111's infotext_utils.quote does (it does not quote for a quote alone; we do, so that
+    such a value reads back whole)."""
     import json
 
     lines = [prompt]
@@ -155,8 +157,8 @@ def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:
     pairs = []
     for key, value in settings.items():
         text = str(value)
-        if any(c in text for c in ',"\n'):
-            text = json.dumps(text)
+        if any(c in text for c in ',:"\n'):
+            text = json.dumps(text, ensure_ascii=False)
         pairs.append(f"{key.replace('_', ' ')}: {text}")
     lines.append(", ".join(pairs))
     return "\n".join(lines)

@@ -111,6 +111,10 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
     (main_weights_file) for the PNG metadata."""
     if task not in SD_PIPELINES:
         raise ValueError(f"`task` must be one of {', '.join(SD_PIPELINES)}, not {task!r}.")
+    from . import models
+
+    if models.is_link(name):   # a Civitai, Hugging Face or direct link: the file, downloaded once (models.py)
+        name = str(models.download(name, kind="checkpoint"))
     resolved = registry.resolve(name, task=task)
     if resolved.family == "llava_next":
         raise ValueError(f"{name!r} is a LLaVA model: load it with load_llava({name!r}).")

@@ -21,13 +21,19 @@ def _pickle_refusal(path) -> ValueError:
                       "trust where it came from. See TROUBLESHOOTING.md#pickle-refused")
 
 
-def fetch(source: str, allow_pickle: bool = False, folder=None) -> Path:
+def fetch(source: str, allow_pickle: bool = False, folder=None, family: str | None = None) -> Path:
     """A local path to the LoRA/embedding `source`: a local file or folder, a hub id ("owner/name" or
-    "owner/name/file.safetensors"), or a public Google Drive link (downloaded into the project's models/loras)."""
+    "owner/name/file.safetensors"), a public Google Drive link, or any other link (a Civitai page or download link,
+    a Hugging Face file URL: helpers.models.download, which refuses a LoRA Civitai says is for another `family`
+    before its bytes are fetched); links are downloaded into the project's models/loras."""
+    from . import models
+
     source = str(source).strip()
     path = Path(source).expanduser()
     if path.exists():
         local = path
+    elif models.is_link(source) and "drive.google.com" not in source:
+        local = models.download(source, kind="lora", family=family, dest=folder)
     elif source.startswith(("http://", "https://")):
         match = _DRIVE_ID.search(source)
         if "drive.google.com" not in source or not match:
@@ -116,21 +122,62 @@ def active_loras(pipe) -> dict[str, float]:
     return dict(getattr(pipe, "_helpers_loras", {}))
 
 
-def load_lora(pipe, source: str, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False) -> str:
-    """Load a LoRA into `pipe` (alongside any loaded before) at `scale`; returns its adapter name."""
+# file and folder names that say nothing about the LoRA (a training run's export, peft's and diffusers' defaults)
+GENERIC_NAMES = {"pytorch_lora_weights", "lora", "loras", "adapter_model", "diffusion_pytorch_model", "model"}
+
+
+def adapter_name(path, taken=()) -> str:
+    """The adapter name of the LoRA at `path`: its file stem, or where that is generic (a run's
+    `runs/NAME/lora/pytorch_lora_weights.safetensors`) the nearest folder name above it that is not; made unique
+    against `taken` with _2, _3, ..."""
+    path = Path(path)
+    is_file = path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",)
+    candidates = [path.stem if is_file else path.name] + [p.name for p in path.parents][:2]
+    cleaned = [re.sub(r"\W+", "_", c).strip("_") for c in candidates]
+    name = next((c for c in cleaned if c and c.lower() not in GENERIC_NAMES), cleaned[0] or "lora")
+    unique, n = name, 1
+    while unique in taken:
+        n += 1
+        unique = f"{name}_{n}"
+    return unique
+
+
+def prepare(source: str, scale: float = 1.0, allow_pickle: bool = False, family: str | None = None) -> Path:
+    """The local path of the LoRA `source` (see fetch), checked before any model is loaded: the scale's range, and
+    that a .safetensors file is a LoRA, not a whole checkpoint or an embedding (one_file.check_lora)."""
+    from . import one_file
+
     if not -4 <= scale <= 4:
         raise ValueError(f"LoRA `scale` must be between -4 and 4, not {scale!r} (1.0 is the trained strength).")
-    path = fetch(source, allow_pickle=allow_pickle)
+    path = fetch(source, allow_pickle=allow_pickle, family=family)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        cross_attention_width(path)  # a damaged file is named as such (it reads the header only)
+        one_file.check_lora(path)
+    return path
+
+
+def load_lora(pipe, source: str, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False) -> str:
+    """Load a LoRA into `pipe` (alongside any loaded before) at `scale`; returns its adapter name (default: from its
+    file, see adapter_name)."""
+    from .diffusion import family_of
+
+    path = prepare(source, scale=scale, allow_pickle=allow_pickle, family=family_of(pipe))
     if path.is_dir() or path.suffix.lower() == ".safetensors":  # an allowed pickle cannot be inspected safely
         check_base(pipe, path)
-    name = name or re.sub(r"\W+", "_", (path.stem if path.is_file() else path.name)).strip("_") or "lora"
     loras = active_loras(pipe)
-    if name in loras:
+    if name is not None and name in loras:
         raise ValueError(f"A LoRA named {name!r} is loaded already: pass another `name`, or set_lora_scales().")
+    files = {n: f for n, f in getattr(pipe, "_helpers_lora_files", {}).items() if n in loras}
+    same = next((n for n, f in files.items() if f == path.resolve()), None)
+    if name is None and same is not None:
+        raise ValueError(f"{str(path)!r} is loaded already, as {same!r}: change its scale with set_lora_scales(), or "
+                         "pass a `name` to load it twice.")
+    name = name or adapter_name(path, taken=loras)
     weight_name = path.name if path.is_file() else None
     pipe.load_lora_weights(str(path.parent if path.is_file() else path), weight_name=weight_name, adapter_name=name)
     loras[name] = scale
     pipe._helpers_loras = loras
+    pipe._helpers_lora_files = {**files, name: path.resolve()}
     pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
     return name
 
@@ -150,6 +197,7 @@ def unload_loras(pipe) -> None:
     """Remove every LoRA: the pipeline is as loaded."""
     pipe.unload_lora_weights()
     pipe._helpers_loras = {}
+    pipe._helpers_lora_files = {}
 
 
 def load_embedding(pipe, source: str, token: str | None = None, allow_pickle: bool = False) -> str:

@@ -319,7 +319,9 @@ def config_folder(info: CheckpointInfo) -> Path:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("HELPERS_CACHE", Path.home() / ".cache" / "llava-sd-notebooks")).expanduser()
+    from . import storage
+
+    return storage.cache_root()
 
 
 def clip_tokenizer_folder(pad_token: str = "<|endoftext|>") -> Path:

@@ -14,6 +14,7 @@ follow compel's semantics (above 1: scaled away from the empty prompt; below 1: 
 those words), not A1111's, so the same seed gives a similar, not the same, image as A1111.
 """
 import re
+import unicodedata
 from decimal import Decimal
 
 ROUND = 1.1          # (word)
@@ -35,6 +36,18 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _COMPEL_SYNTAX = set('()",.+-=')
 # compel operators that take the next "(...)" as their argument, even across spaces: "x.swap (y)1.1" is a swap.
 _COMPEL_OPERATOR_END = re.compile(r"(\.swap|\.attend|withLora|useLora)$")
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` has nothing to read: only spaces and invisible characters (NUL and other control characters,
+    zero-width spaces and joiners U+200B-U+200D, U+2060, the BOM U+FEFF, soft hyphens: Unicode's Cc and Cf)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
+def check_prompt(prompt, name: str = "prompt") -> None:
+    """Raise ValueError where `prompt` is not a string with something visible in it (see is_blank)."""
+    if not isinstance(prompt, str) or is_blank(prompt):
+        raise ValueError(f"`{name}` must be a non-empty string, not {prompt!r}: describe the image you want.")
 
 
 def parse_weights(prompt: str) -> list[tuple[str, float]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 PROJECT = "llava-sd-notebooks"
 ENV_HOME = "HELPERS_HOME"              # overrides where the project folder is
+ENV_CACHE = "HELPERS_CACHE"            # overrides where rebuildable files go (tiny models, tokenizers, hashes)
 COLAB_MOUNT = Path("/content/drive")
 COLAB_DRIVE_ROOT = COLAB_MOUNT / "MyDrive" / PROJECT
 COLAB_LOCAL_ROOT = Path("/content") / f"{PROJECT}-data"   # when Drive cannot be mounted: lost at disconnect
@@ -34,6 +35,12 @@ class ProjectPaths:
     datasets: Path   # training images and captions
     models: Path     # trained LoRAs, DreamBooth models, exports
     runs: Path       # training runs: checkpoints, samples, logs
+
+
+def cache_root() -> Path:
+    """Where the kit keeps what it can make again (tiny models, the CLIP tokenizer, file hashes): HELPERS_CACHE,
+    else ~/.cache/llava-sd-notebooks."""
+    return Path(os.environ.get(ENV_CACHE, Path.home() / ".cache" / PROJECT)).expanduser()
 
 
 def default_root() -> Path:

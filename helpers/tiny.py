@@ -51,7 +51,9 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64]]   # any-resolution grid of the tiny L
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("HELPERS_CACHE", Path.home() / ".cache" / "llava-sd-notebooks")).expanduser() / "tiny"
+    from . import storage
+
+    return storage.cache_root() / "tiny"
 
 
 def _fingerprint() -> str:

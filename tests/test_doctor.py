@@ -138,11 +138,30 @@ def test_every_finding_names_its_anchor_and_every_check_is_listed():
                      torch_cuda=None, versions={"bitsandbytes": "0.50.2", "xformers": "0.0.28"},
                      xformers_torch="2.5.1", import_errors={"torchvision": "RuntimeError: operator torchvision::nms "
                                                                             "does not exist"},
-                     drive_mounted=False, model="sd3-medium", version_problems=[("peft", "0.30", "<0.22")])
+                     drive_mounted=False, model="sd3-medium", version_problems=[("peft", "0.30", "<0.22")],
+                     folders={"HELPERS_HOME": "HELPERS_HOME='/x' is read-only"})
     found = ids(everything)
     assert set(found) == set(doctor.CHECKS) - {"bf16-on-t4"}  # bf16 needs a CUDA profile
     for finding in doctor.run_checks(everything):
         assert str(finding).endswith(f"(see TROUBLESHOOTING.md#{finding.check})")
+
+
+def test_home_and_cache_folders(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELPERS_HOME", raising=False)
+    monkeypatch.delenv("HELPERS_CACHE", raising=False)
+    assert doctor.folder_problems() == {}  # unset: the defaults are not the variables' business
+    (tmp_path / "file").write_text("x")
+    assert doctor.folder_problem(tmp_path / "file") == "is a file, not a folder"
+    below = doctor.folder_problem(tmp_path / "file" / "below")
+    assert below == f"is below {str(tmp_path / 'file')!r}, a file, not a folder"
+    assert doctor.folder_problem(tmp_path / "new" / "folder") is None  # made on first use
+    monkeypatch.setattr(doctor.os, "access", lambda path, mode: False)  # read-only (root ignores chmod)
+    assert doctor.folder_problem(tmp_path) == "is read-only"
+    monkeypatch.setenv("HELPERS_CACHE", str(tmp_path / "cache"))
+    assert doctor.folder_problems() == {"HELPERS_CACHE": f"HELPERS_CACHE={str(tmp_path / 'cache')!r} is below "
+                                                         f"{str(tmp_path)!r}, a read-only folder"}
+    (finding,) = doctor.check_folders(env(CPU, folders=doctor.folder_problems()))
+    assert finding.problem.startswith("HELPERS_CACHE=") and "export HELPERS_CACHE=" in finding.fix
 
 
 def test_gather_reads_this_machine():

@@ -105,10 +105,39 @@ def _check_settings(settings) -> list[dict]:
         unknown = set(s) - set(SETTING_KEYS)
         if unknown:
             raise ValueError(f"Unknown setting key(s) {sorted(unknown)} in {s}; known: {', '.join(SETTING_KEYS)}.")
+        for key, low, high in (("num_inference_steps", 1, 500), ("size", 64, 4096)):
+            value = s.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high
+                                      or value % (8 if key == "size" else 1)):
+                rule = "a multiple of 8 from 64 to 4096 pixels" if key == "size" else "an integer from 1 to 500"
+                raise ValueError(f"`{key}` in setting {s} must be {rule}, not {value!r}.")
+        scale = s.get("guidance_scale")
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 <= scale <= 30):
+            raise ValueError(f"`guidance_scale` in setting {s} must be between 0 and 30, not {scale!r}.")
     labels = [_label(s) for s in settings]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two settings share a label ({labels}): give each a different `label`.")
     return settings
+
+
+def check_reference(reference, name: str = "`reference`") -> None:
+    """Raise where `reference` (a folder of images, for FID and KID) is missing, not a folder, or holds fewer than 2
+    images; a list of images is taken as it is."""
+    from .. import images as imaging
+
+    if reference is None or isinstance(reference, (list, tuple)):
+        return
+    folder = Path(reference).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{name} {str(folder)!r} does not exist: pass a folder of reference images (FID and "
+                                "KID compare the generated images against them), or leave it out.")
+    if not folder.is_dir():
+        raise ValueError(f"{name} {str(folder)!r} is a file, not a folder: put the reference images in a folder and "
+                         "pass that folder.")
+    count = len(imaging.list_images(folder))
+    if count < 2:
+        raise ValueError(f"{name} {str(folder)!r} holds {count} image(s); FID and KID need at least 2: add images, or "
+                         "leave it out.")
 
 
 def _label(setting: dict) -> str:
@@ -235,6 +264,8 @@ def run_benchmark(models, prompts=None, seed: int = 0, settings=None, warmup: in
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"`prompts` must be non-empty strings, not {prompts!r}.")
     settings = _check_settings(settings)
+    if quality and not shape_true:
+        check_reference(reference)
     several = len(settings) > 1
     seeds = [(seed + i) % (diffusion.MAX_SEED + 1) for i in range(len(prompts))]
     profile = runtime.detect_profile()

@@ -39,20 +39,22 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
 @dataclass(frozen=True)
 class Item:
     path: Path
-    caption: str                # the first line of the .txt beside the image, "" if none
+    caption: str                # the first line of its .txt (beside it, or the fallback copy: read_caption), or ""
     repeats: int                # how often one epoch shows it (kohya's `N_` folder prefix)
     concept: str | None = None  # the class/instance words of its `N_name` folder (or the trigger), e.g. "sks dog"
 
 
 def read_caption(image_path) -> str:
-    """The caption of an image: the first non-empty line of the `.txt` beside it (kohya reads the first line), or ""."""
-    txt = captions.caption_path(Path(image_path))
-    if not txt.is_file():
-        return ""
-    for line in txt.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    """The caption of an image: the first non-empty line of the `.txt` beside it (kohya reads the first line), or of
+    its copy in the local fallback (see captions.caption_source), or "". A caption file that is not UTF-8 (or UTF-16
+    with a BOM) raises ValueError naming it and the fix, rather than train on mojibake."""
+    return _caption_and_source(image_path)[0]
+
+
+def _caption_and_source(image_path) -> tuple[str, bool]:
+    """(read_caption's caption, whether it came from the local fallback copy)."""
+    text, source = captions.read_caption_file(image_path)
+    return (text.splitlines()[0].strip(), source != captions.caption_path(image_path)) if text else ("", False)
 
 
 def _repeats_and_concept(folder: Path, path: Path, default_repeats: int) -> tuple[int, str | None]:
@@ -78,17 +80,33 @@ def find_items(folder, trigger: str | None = None, default_repeats: int = 1) -> 
 
     kohya's layout: an image in a top-level sub-folder named `N_name` is repeated N times and its concept is `name`;
     an image directly in `folder`, or in a sub-folder without a count, gets `default_repeats` and the `trigger` as
-    its concept (kohya skips such folders; here they are used). Raises ValueError when there is no image at all.
+    its concept (kohya skips such folders; here they are used). Raises ValueError when there is no image at all,
+    when two images would share one caption file (`a.png`, `a.jpg`) or a caption is not UTF-8 (or UTF-16 with a
+    BOM). Captions read from the local fallback (written there while Drive failed) are said in one printed line.
     """
     folder = paths.refuse_broad(paths.user_path(folder, "dataset"), "dataset")
     _check_int("default_repeats", default_repeats)
     trigger = trigger.strip() if trigger and trigger.strip() else None
-    items = []
-    for path in imaging.list_images(folder):
-        repeats, concept = _repeats_and_concept(folder, path, default_repeats)
-        items.append(Item(path=path, caption=read_caption(path), repeats=repeats, concept=concept or trigger))
-    if not items:
+    images = imaging.list_images(folder)
+    if not images:
         raise _no_images(folder)
+    captions.check_one_caption_per_image(images)
+    items, bad, from_fallback = [], [], 0
+    for path in images:
+        repeats, concept = _repeats_and_concept(folder, path, default_repeats)
+        try:
+            caption, fell_back = _caption_and_source(path)
+        except captions.CaptionEncodingError as e:
+            bad.append(e)
+            continue
+        from_fallback += fell_back
+        items.append(Item(path=path, caption=caption, repeats=repeats, concept=concept or trigger))
+    if bad:
+        more = (f" ({len(bad) - 1} more caption file(s) like it: check_dataset(), or `python -m helpers "
+                "check-dataset FOLDER`, lists them all)" if len(bad) > 1 else "")
+        raise captions.CaptionEncodingError(bad[0].path, bad[0].why, str(bad[0]) + more)
+    if from_fallback:
+        print(captions.fallback_notice(from_fallback))
     return items
 
 
@@ -103,13 +121,17 @@ class Report:
     sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)      # readable image -> (width, height)
     unreadable: dict[Path, str] = field(default_factory=dict)             # image file -> why it cannot be read
     too_small: dict[Path, tuple[int, int]] = field(default_factory=dict)  # image -> (width, height), < min_side
+    bad_captions: dict[Path, str] = field(default_factory=dict)           # caption file -> why it cannot be read
+    same_stem: list[list[Path]] = field(default_factory=list)             # images that would share one .txt
     uncaptioned: list[Path] = field(default_factory=list)                 # warning: no (or an empty) .txt
     orphan_captions: list[Path] = field(default_factory=list)             # warning: a .txt with no image beside it
+    fallback_captions: list[Path] = field(default_factory=list)           # warning: caption read from local fallback
 
     @property
     def ok(self) -> bool:
-        """True when every image can be trained on. Missing and orphan captions are warnings: they do not count."""
-        return not self.unreadable and not self.too_small
+        """True when every image can be trained on with its own caption. Missing, orphan and fallback captions are
+        warnings: they do not count."""
+        return not self.unreadable and not self.too_small and not self.bad_captions and not self.same_stem
 
     def _name(self, path: Path) -> str:
         try:
@@ -133,18 +155,31 @@ class Report:
         lines += self._section(f"ERROR images smaller than {self.min_side} px a side, too small for resolution "
                                f"{self.resolution} (use larger images, or delete them)",
                                [f"{self._name(p)}: {w}x{h} px" for p, (w, h) in self.too_small.items()])
+        lines += self._section("ERROR captions that are not UTF-8 text, so they would train as garbled words (open "
+                               "each and save it as UTF-8; see TROUBLESHOOTING.md#caption-encoding)",
+                               [f"{self._name(p)}: {why}" for p, why in self.bad_captions.items()])
+        lines += self._section("ERROR images that would share one caption file (one caption per image: rename one "
+                               "image of each pair, and its caption; see TROUBLESHOOTING.md#same-stem-images)",
+                               [" and ".join(self._name(p) for p in group) + " -> "
+                                + captions.caption_path(group[0]).name for group in self.same_stem])
         lines += self._section("warning: images without a caption (they train on their folder's concept or the "
                                "trigger word alone; caption them with LLaVA in notebook 02, or caption_folder)",
                                [self._name(p) for p in self.uncaptioned])
         lines += self._section("warning: captions without an image (ignored; rename each to its image's name with "
                                ".txt, or delete it)", [self._name(p) for p in self.orphan_captions])
+        lines += self._section(f"warning: captions read from the local fallback folder {storage.LOCAL_FALLBACK} "
+                               "(written there while Drive failed; lost when the session ends: run "
+                               "captions.restore_fallback_captions(folder) once Drive works; see "
+                               "TROUBLESHOOTING.md#fallback-captions)", [self._name(p) for p in self.fallback_captions])
         return "\n".join(lines)
 
 
 def check_dataset(folder, resolution: int, min_side: int | None = None, progress: bool = True) -> Report:
     """Open every image under `folder` and report, by file name, what would spoil a training run: unreadable files,
-    images smaller than `min_side` px a side (default `resolution // 2`) and, as warnings, images without a caption
-    and captions without an image. Bad files are reported, not raised; no image at all raises ValueError."""
+    images smaller than `min_side` px a side (default `resolution // 2`), captions that are not UTF-8 (or UTF-16
+    with a BOM), images that would share one caption file and, as warnings, images without a caption, captions
+    without an image and captions read from the local fallback. Bad files are reported, not raised; no image at all
+    raises ValueError."""
     from tqdm.auto import tqdm
 
     folder = paths.refuse_broad(paths.user_path(folder, "dataset"), "dataset")
@@ -164,7 +199,17 @@ def check_dataset(folder, resolution: int, min_side: int | None = None, progress
         report.sizes[path] = size
         if min(size) < min_side:
             report.too_small[path] = size
-    report.uncaptioned = [p for p in report.images if not read_caption(p)]
+    report.same_stem = captions.same_stem_images(report.images)
+    for path in report.images:
+        try:
+            caption, fell_back = _caption_and_source(path)
+        except captions.CaptionEncodingError as e:
+            report.bad_captions[e.path] = e.why
+            continue
+        if not caption:
+            report.uncaptioned.append(path)
+        elif fell_back:
+            report.fallback_captions.append(path)
     captioned = {captions.caption_path(p) for p in report.images}
     report.orphan_captions = sorted(p for p in folder.rglob("*.txt") if p not in captioned and
                                     not any(part.startswith(".") for part in p.relative_to(folder).parts))
