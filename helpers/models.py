@@ -209,6 +209,11 @@ def _remember(url: str, path: Path, info: Remote) -> None:
         storage.atomic_write(_index_path(), json.dumps(index, indent=1))
 
 
+def downloaded(url: str) -> Path | None:
+    """The file a link was downloaded to before (None where it was not, or the file has changed since)."""
+    return _reused(url.strip())
+
+
 def _reused(url: str) -> Path | None:
     entry = _read_index().get(url)
     if entry and Path(entry["path"]).is_file() and Path(entry["path"]).stat().st_size == entry.get("size"):

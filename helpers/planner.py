@@ -151,8 +151,33 @@ def _file_model(path: Path) -> Model:
                  native=768 if info.family == "sd2" else None)  # SD 2.x: 768 px (2.1), 512 px for the -base
 
 
+def _link_model(url: str) -> Model:
+    """A link, before its download: the file where it was downloaded already; else what Civitai says of its base
+    model, planned as the catalogue model of that family (the same architecture; a checkpoint's exact counts come
+    once it is downloaded)."""
+    from . import models
+
+    if (path := models.downloaded(url)) is not None:
+        return _file_model(path)
+    try:
+        info = models.remote(url)
+    except models.DownloadError as e:
+        raise PlanUnavailable(f"Cannot plan {url}: {e}") from e
+    catalogue = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux-dev"}.get(info.family)
+    if catalogue is None:
+        raise PlanUnavailable(f"Cannot plan {url} before it is downloaded: the link does not say which architecture "
+                              "it is. Download it first (python -m helpers download URL), then plan the file.")
+    base = _resolve(catalogue)
+    return Model(label=f"{info.name or url} ({info.base_model}: planned as {catalogue})", folder=base.folder,
+                 family=base.family, pipeline=base.pipeline, catalogue=catalogue)
+
+
 def _resolve(name: str) -> Model:
     text = str(name).strip()
+    from . import models
+
+    if models.is_link(text):
+        return _link_model(text)
     path = Path(text).expanduser()
     catalogue = registry.canonical_name(text) if not path.exists() else None
     if catalogue:

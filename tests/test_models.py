@@ -271,3 +271,33 @@ def test_the_download_command_fetches_ahead_of_time_and_reuses(server, capsys):
     assert cli.main(["download", link, "--no-progress"]) == 0 and "Already downloaded" in capsys.readouterr().out
     assert cli.main(["download", f"{server.base}/files/page.html"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_lora_trains_on_a_checkpoint_behind_a_link_and_names_it_as_kohya_does(server, sd15_file, tmp_path):
+    from conftest import draw_dataset
+    from helpers.training import export, loop
+
+    server.files[sd15_file.name] = sd15_file.read_bytes()
+    dataset = draw_dataset(tmp_path / "data" / "2_sks", [(64, 64)] * 2, ["a photo of sks"] * 2)
+    config = loop.TrainConfig(dataset=str(dataset), run_dir=str(tmp_path / "run"), resolution=64, rank=4, alpha=4,
+                              max_train_steps=2, checkpoint_every=2, trigger="sks",
+                              base_model=f"{server.base}/files/{sd15_file.name}")
+    result = loop.train_lora(config, progress=False)
+    metadata = export.read_lora_metadata(result.lora_path.parent / "sks.safetensors")
+    assert metadata["ss_sd_model_name"] == "tinyshaper_v1.safetensors" and result.family == "sd15"
+    assert files_fetched(server) == [f"/files/{sd15_file.name}"]
+
+
+def test_a_link_is_planned_before_any_byte_is_fetched(server, sd15_file):
+    from helpers import planner
+
+    server.versions[31] = ("big_xl.safetensors", "Checkpoint", "Pony", None, False)
+    server.files["big_xl.safetensors"] = b"never fetched"
+    plan = planner.plan(f"{server.base}/api/download/models/31", "t4")
+    assert "planned as sdxl" in plan.model and files_fetched(server) == []
+    assert plan.vram_peak > 0
+    with pytest.raises(planner.PlanUnavailable, match="does not say which architecture"):
+        planner.plan(f"{server.base}/files/{sd15_file.name}", "t4")
+    server.files[sd15_file.name] = sd15_file.read_bytes()
+    models.download(f"{server.base}/files/{sd15_file.name}", progress=False)
+    assert planner.plan(f"{server.base}/files/{sd15_file.name}", "t4").model == sd15_file.name   # the file itself

@@ -157,8 +157,9 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
                              f"{done} steps ({latest.name}): ask for more than {done} steps to go on, or use a new "
                              "run folder (RUN_NAME) to train from the start.")
     profile = runtime.detect_profile()
+    base_model = _local_model(config.base_model)
     if config.method == "full":   # before a model of several GB is loaded
-        check_full_fits(config.base_model, registry.resolve(config.base_model).family, profile, config.optimizer,
+        check_full_fits(base_model, registry.resolve(base_model).family, profile, config.optimizer,
                         resolution, config.batch_size)
     precision = _mixed_precision(config.mixed_precision, profile)
     # SDXL's first text encoder gives its penultimate layer: the LoRA on its last layer gets no gradient, which DDP
@@ -179,7 +180,7 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
     # the frozen weights in half precision where training runs in it; the trained weights stay in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
-    pipe = loading.load_sd(config.base_model, dtype=weight_dtype, profile=profile)
+    pipe = loading.load_sd(base_model, dtype=weight_dtype, profile=profile)
     pipe.to(accelerator.device)
     family = FAMILY_OF_PIPELINE.get(type(pipe).__name__)
     if family is None:
@@ -391,7 +392,7 @@ def read_result(config: TrainConfig) -> TrainResult:
     steps = done[-1][0] if done else 0
     from .. import registry
 
-    family = registry.resolve(config.base_model).family
+    family = registry.resolve(_local_model(config.base_model)).family
     result = TrainResult(run_dir=run_dir, steps=steps, losses=read_losses(run_dir, steps, rewrite=False),
                          lora_path=None, resumed_from=None, family=family)
     if config.method == "lora":
@@ -401,6 +402,23 @@ def read_result(config: TrainConfig) -> TrainResult:
         name = _output_name(config, run_dir)
         result.single_file = run_dir / f"{name}.safetensors" if (run_dir / f"{name}.safetensors").is_file() else None
     return result
+
+
+def _local_model(base_model: str) -> str:
+    """`base_model`, or where it is a link the file it downloads to (once: helpers.models reuses it)."""
+    from .. import models
+
+    return str(models.download(base_model, kind="checkpoint")) if models.is_link(base_model) else base_model
+
+
+def _model_label(base_model: str) -> str:
+    """The base model as kohya's `ss_sd_model_name` names it: a file's name (not its folders), else the catalogue
+    name or hub id as given."""
+    from .. import models
+
+    if models.is_link(base_model) or Path(base_model).suffix.lower() == ".safetensors":
+        return Path(base_model.split("?")[0]).name
+    return base_model
 
 
 def _output_name(config: TrainConfig, run_dir: Path) -> str:
@@ -449,7 +467,7 @@ def _export_lora(accelerator, unet, encoders, config, family, run_dir: Path, ste
         return path
     name = _output_name(config, run_dir)
     export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, *te_states, family=family,
-                           alpha=config.alpha, steps=step, base_model=config.base_model,
+                           alpha=config.alpha, steps=step, base_model=_model_label(config.base_model),
                            trigger_word=config.trigger or "", output_name=name, resolution=resolution)
     return path
 
@@ -484,7 +502,7 @@ def _export_full(accelerator, pipe, unet, config, family, run_dir: Path, step: i
         print(f"No A1111 single-file checkpoint ({e}): the diffusers folder {target} holds the model.")
         return None
     name = _output_name(config, run_dir)
-    metadata = {"ss_steps": str(step), "ss_sd_model_name": config.base_model, "modelspec.title": name}
+    metadata = {"ss_steps": str(step), "ss_sd_model_name": _model_label(config.base_model), "modelspec.title": name}
     return save_single_file(pipe, run_dir / f"{name}.safetensors", half=True, metadata=metadata)
 
 
