@@ -114,7 +114,7 @@ def demo(args) -> int:
     import torch
     from accelerate.utils.memory import clear_device_cache
 
-    from . import images, loading, registry, vlm
+    from . import captions, images, loading, registry, vlm
 
     profile = runtime.detect_profile()
     if not smoke.is_tiny():
@@ -147,7 +147,7 @@ def demo(args) -> int:
     t0 = time.perf_counter()
     model, processor = loading.load_llava(DEMO_LLAVA, profile=profile)
     caption = vlm.ask(model, processor, image, "Describe this image in one sentence.", max_new_tokens=60)
-    caption_path = storage.atomic_write(image_path.with_suffix(".txt"), caption + "\n")
+    caption_path = captions.write_caption(image_path, caption)   # one line, beside the image
     print(f"caption: {caption_path}  ({time.perf_counter() - t0:.1f} s)")
     print(f"         {caption!r}")
     if smoke.is_tiny():
@@ -322,7 +322,8 @@ def _sd_arguments(p, model: str) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE[:NAME]]",
                    help="a LoRA (file, run folder, hub id or Google Drive link), its scale (default 1) and adapter "
                         "name (default: from the file, or its run's folder); repeat for several")
-    p.add_argument("--model", default=model, help="a catalogue name, hub id or local folder")
+    p.add_argument("--model", default=model, help="a catalogue name or alias, hub id, local folder, one-file "
+                                                  ".safetensors checkpoint, or a link to one (Civitai, Hugging Face)")
     p.add_argument("--out", help="output folder (default: the project's outputs/<task>)")
 
 

@@ -301,3 +301,27 @@ def test_a_link_is_planned_before_any_byte_is_fetched(server, sd15_file):
     server.files[sd15_file.name] = sd15_file.read_bytes()
     models.download(f"{server.base}/files/{sd15_file.name}", progress=False)
     assert planner.plan(f"{server.base}/files/{sd15_file.name}", "t4").model == sd15_file.name   # the file itself
+
+
+def test_generate_from_the_cli_with_a_link_writes_the_models_name_and_hash(server, sd15_file, tmp_path, capsys):
+    from helpers import cli, images
+
+    server.files[sd15_file.name] = sd15_file.read_bytes()
+    link = f"{server.base}/files/{sd15_file.name}"
+    assert cli.main(["generate", "a lighthouse", "--model", link, "--steps", "2", "--width", "64", "--height", "64",
+                     "--seed", "3", "--out", str(tmp_path / "out")]) == 0
+    [png] = (tmp_path / "out").glob("*.png")
+    parameters = images.read_parameters(png)
+    assert parameters["Model"] == "tinyshaper_v1"
+    assert parameters["Model hash"] == hashlib.sha256(sd15_file.read_bytes()).hexdigest()[:10]
+
+
+def test_the_benchmark_takes_a_link_and_downloads_it_before_any_timing(server, sd15_file):
+    from helpers import bench
+
+    server.files[sd15_file.name] = sd15_file.read_bytes()
+    link = f"{server.base}/files/{sd15_file.name}"
+    result = bench.run_benchmark([link], prompts=["a red square"], warmup=0, quality=False, progress=False)
+    [row] = result.rows
+    assert row["error"] is None and row["model"].endswith(sd15_file.name)
+    assert files_fetched(server) == [f"/files/{sd15_file.name}"]

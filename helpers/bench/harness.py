@@ -272,7 +272,11 @@ def run_benchmark(models, prompts=None, seed: int = 0, settings=None, warmup: in
     cuda = profile.device == "cuda"
     dtype = runtime.pick_dtype(profile)
     mode = "shape-true" if shape_true else "tiny" if smoke.is_tiny() else "real"
-    # every name is checked (and a tiny model built) before anything is loaded or timed
+    # a link is downloaded first (never timed as loading); every name is checked (and a tiny model built) before
+    # anything is loaded or timed
+    from .. import models as model_files
+
+    models = [str(model_files.download(m, kind="checkpoint")) if model_files.is_link(m) else m for m in models]
     families = {m: None if shape_true else registry.resolve(m, task="txt2img").family for m in models}
     if vram_cap_gib is not None:
         if not cuda:
