@@ -235,7 +235,7 @@ def _file_name(response, info: Remote) -> str:
 def _check_space(folder: Path, need: int, url: str) -> None:
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise DownloadError(f"{url} needs {storage._size(need)} and {folder} has {storage._size(free)} free: free "
+        raise DownloadError(f"{url} needs {storage.size_text(need)} and {folder} has {storage.size_text(free)} free: free "
                             "some space (Drive: empty the bin, delete old runs) and run again; the part already "
                             "downloaded is kept and resumed. See TROUBLESHOOTING.md#disk-full")
 
@@ -295,7 +295,7 @@ def download(url: str, kind: str | None = None, family: str | None = None, dest=
     os.replace(part, target)
     storage.fsync_dir(folder)
     _remember(url, target, info)
-    print(f"Downloaded {target} ({storage._size(target.stat().st_size)}).")
+    print(f"Downloaded {target} ({storage.size_text(target.stat().st_size)}).")
     return target
 
 
@@ -327,13 +327,13 @@ def _stream(response, part: Path, have: int, total: int | None, name: str, url: 
             os.fsync(f.fileno())
         except (OSError, http.client.HTTPException) as e:
             if getattr(e, "errno", None) == errno.ENOSPC:
-                raise DownloadError(f"The disk filled while downloading {url} ({storage._size(have)} of it kept in "
+                raise DownloadError(f"The disk filled while downloading {url} ({storage.size_text(have)} of it kept in "
                                     f"{part}; {storage.free_space(part)}): free some space and run again; it "
                                     "resumes. See TROUBLESHOOTING.md#disk-full") from None
-            raise DownloadError(f"The download of {url} was cut after {storage._size(have)} ({e}): run again; it "
+            raise DownloadError(f"The download of {url} was cut after {storage.size_text(have)} ({e}): run again; it "
                                 "resumes from there.") from None
     if total and have < total:
-        raise DownloadError(f"The download of {url} was cut after {storage._size(have)} of {storage._size(total)}: "
+        raise DownloadError(f"The download of {url} was cut after {storage.size_text(have)} of {storage.size_text(total)}: "
                             "run again; it resumes from there.")
 
 

@@ -116,10 +116,11 @@ def free_space(path) -> str:
         usage = shutil.disk_usage(folder)
     except OSError:
         return "free space unknown"
-    return f"{_size(usage.free)} free of {_size(usage.total)}"
+    return f"{size_text(usage.free)} free of {size_text(usage.total)}"
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count as people read it: 1000 B, 12.0 MiB, 15.0 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
