@@ -257,7 +257,8 @@ def download(url: str, kind: str | None = None, family: str | None = None, dest=
     if family:
         check_family(info, family, "LoRA" if (kind or info.kind) == "lora" else "model")
     if kind and info.kind and kind != info.kind:
-        raise ValueError(f"{url} is a {info.kind} on Civitai, not a {kind}: pass it where a {info.kind} goes.")
+        raise ValueError(f"{url} is a {info.kind} on Civitai, not a {kind}: pass it where a {info.kind} goes. See "
+                         "TROUBLESHOOTING.md#wrong-kind-link")
     folder = Path(dest) if dest is not None else storage.project_paths().models / KINDS[kind or info.kind or
                                                                                          "checkpoint"]
     folder.mkdir(parents=True, exist_ok=True)

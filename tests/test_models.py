@@ -325,3 +325,10 @@ def test_the_benchmark_takes_a_link_and_downloads_it_before_any_timing(server, s
     [row] = result.rows
     assert row["error"] is None and row["model"].endswith(sd15_file.name)
     assert files_fetched(server) == [f"/files/{sd15_file.name}"]
+
+
+def test_a_link_of_the_wrong_kind_is_refused_before_download(server):
+    server.versions[41] = ("style.safetensors", "LORA", "SD 1.5", None, False)
+    with pytest.raises(ValueError, match="is a lora on Civitai, not a checkpoint"):
+        models.download(f"{server.base}/api/download/models/41", kind="checkpoint", progress=False)
+    assert files_fetched(server) == []
