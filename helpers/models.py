@@ -205,8 +205,7 @@ def _remember(url: str, path: Path, info: Remote) -> None:
     index = _read_index()
     index[url] = {"path": str(path), "size": path.stat().st_size, **{k: v for k, v in asdict(info).items()
                                                                       if k in ("sha256", "kind", "base_model")}}
-    with contextlib.suppress(OSError):   # a lost index entry only costs a new download
-        storage.atomic_write(_index_path(), json.dumps(index, indent=1))
+    _write_best_effort(_index_path(), index)   # a lost index entry only costs a new download
 
 
 def downloaded(url: str) -> Path | None:
@@ -360,6 +359,16 @@ def _hash_index() -> Path:
     return storage.cache_root() / HASH_INDEX_NAME
 
 
+def _write_best_effort(path: Path, data: dict) -> None:
+    """An index the kit can make again, written atomically where it can be; never retried, never to the fallback
+    (nothing reads it there), never a stop."""
+    with contextlib.suppress(OSError), storage.atomic_open(path, "w") as f:
+        f.write(json.dumps(data, indent=1))
+
+
+_HASHES: dict = {}   # this session's, in front of the index on disk
+
+
 def file_hash(path, cache: bool = True) -> str:
     """The SHA256 of a file (hex), computed once: cached by full path, size and modification time."""
     path = Path(path).resolve()
@@ -367,9 +376,12 @@ def file_hash(path, cache: bool = True) -> str:
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
     index = {}
     if cache:
+        if key in _HASHES:
+            return _HASHES[key]
         with contextlib.suppress(OSError, ValueError):
             index = json.loads(_hash_index().read_text())
         if key in index:
+            _HASHES[key] = index[key]
             return index[key]
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -377,7 +389,6 @@ def file_hash(path, cache: bool = True) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     if cache:
-        index[key] = value
-        with contextlib.suppress(OSError):
-            storage.atomic_write(_hash_index(), json.dumps(index, indent=1))
+        _HASHES[key] = index[key] = value
+        _write_best_effort(_hash_index(), index)
     return value

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import draw_dataset
+from test_cli import _training_config   # the same tiny run as test_cli's
 from helpers import cli, doctor, lora, prompts
 
 
@@ -384,19 +385,3 @@ def test_commands_that_write_to_home_refuse_a_bad_one(tmp_path, monkeypatch, cap
         monkeypatch.setenv("HELPERS_CACHE", str(tmp_path / "ro"))
         line = one_error_line(capsys, cli.main(["generate", "a cat", "--out", str(tmp_path / "out")]))
         assert "HELPERS_CACHE" in line and "read-only" in line  # SMOKE MODE builds its tiny models there
-
-
-# --- helpers ---------------------------------------------------------------------------------------------------------
-
-def _training_config(tmp_path) -> Path:
-    import json
-
-    data = tmp_path / "data" / "2_sks"
-    data.mkdir(parents=True)
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 120, 60, 200 - i * 90)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a square, {['red', 'blue'][i]}\n")
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"dataset": "data", "run_dir": "run", "resolution": 64, "rank": 4, "alpha": 4,
-                                  "max_train_steps": 1000, "checkpoint_every": 1, "seed": 1}))
-    return config

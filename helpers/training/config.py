@@ -274,6 +274,16 @@ FORM_NAMES = {"dataset": "DATASET", "run_dir": "RUN_NAME", "base_model": "BASE_M
               "method": "METHOD"}
 
 
+def dreambooth_prompts(token: str, noun: str, prior_preservation: bool = True) -> tuple[str, str | None]:
+    """(instance prompt, class prompt or None) of a DreamBooth run: "a photo of sks dog", "a photo of a dog". The
+    token must be one word and the noun not empty (notebook 07's INSTANCE_TOKEN and CLASS_NOUN)."""
+    token, noun = str(token).strip(), str(noun).strip()
+    if not token or not noun or len(token.split()) > 1:
+        raise ValueError(f"INSTANCE_TOKEN must be one rare word (not {token!r}) and CLASS_NOUN a noun (not {noun!r}): "
+                         "e.g. INSTANCE_TOKEN = 'sks', CLASS_NOUN = 'dog'.")
+    return f"a photo of {token} {noun}", (f"a photo of a {noun}" if prior_preservation else None)
+
+
 def make_config(values: dict, names: dict | None = None) -> TrainConfig:
     """A TrainConfig from a dict of its fields; unknown keys and missing required ones are named in the error.
     `names` ({field: what the user calls it}, e.g. FORM_NAMES): an error about a field names it so."""
