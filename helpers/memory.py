@@ -2,7 +2,26 @@
 (exact parameter counts from the real architectures, bytes by precision, activations, RAM while loading). A model
 name here is anything the planner takes: a catalogue name or alias, a hub id, a local folder or a .safetensors file
 (planner.model)."""
+from dataclasses import dataclass
+
 from . import planner, runtime
+
+ROUTES = ("gpu", "model_offload", "staged")  # and the CPU device ("cpu", "mps") where there is no CUDA GPU
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a diffusion pipeline is loaded and run on a profile (the planner's choice, sd_route):
+    name: "gpu" (all on the GPU), "model_offload" (each model on the GPU while it runs), "staged" (the text
+          encoders load, encode the prompts and are freed before the denoiser loads), or the CPU device;
+    quantization: "none", "4bit" (bitsandbytes nf4, double quant, compute in the runtime dtype) or "8bit";
+    quantized: the components it applies to (e.g. ("text_encoder_2", "transformer"));
+    vram_gib / ram_gib: the planned peaks of the route."""
+    name: str
+    quantization: str = "none"
+    quantized: tuple = ()
+    vram_gib: float = 0.0
+    ram_gib: float = 0.0
 
 
 def weights_gib(model_name: str, precision: str) -> float:
@@ -62,3 +81,9 @@ def sd_placement(model_name: str, precision: str, profile: runtime.Profile) -> s
                 f"{weights + planner.CUDA_OVERHEAD_GIB + planner.RAM_BASE_GIB:.0f} GiB")
     raise ValueError(f"{model_name} in {precision} needs about {weights:.1f} GiB of weights: more than the "
                      f"{_gpu(profile)}, and too much to offload to {ram}: {fix}.")
+
+
+def sd_route(model_name: str, precision: str, profile: runtime.Profile, quantization: str = "auto") -> Route:
+    """The Route for diffusion pipeline `model_name` on `profile` (see Route). Raises ValueError with the figures
+    where nothing fits. (First version: the placement of sd_placement, no quantization.)"""
+    return Route(name=sd_placement(model_name, precision, profile))
