@@ -198,6 +198,28 @@ def _build_sd15(folder: Path, tmp: Path, in_channels: int = 4) -> None:
     _save_with_real_tokenizer_layout(pipe, folder)
 
 
+def _build_sd2(folder: Path, tmp: Path, in_channels: int = 4) -> None:
+    """SD 2.x's layout in small: the tiny SD 1.5 UNet with linear projections, and an OpenCLIP-style text encoder
+    (gelu, a tokenizer that pads with "!"), which a one-file checkpoint stores under cond_stage_model.model."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tok = _clip_tokenizer(tmp, pad_token="!")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="epsilon" if in_channels == 9 else "v_prediction")
+    config = _clip_text_config(tok)
+    config.hidden_act = "gelu"
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(unet=unet, vae=_sd_vae(), text_encoder=CLIPTextModel(config), tokenizer=tok, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    _save_with_real_tokenizer_layout(pipe, folder)
+
+
 # --- SDXL --------------------------------------------------------------------------------------------------------
 
 def _build_sdxl(folder: Path, tmp: Path, in_channels: int = 4) -> None:
@@ -321,6 +343,8 @@ def _build_llava(folder: Path, tmp: Path, chat_format: str) -> None:
 BUILDERS = {
     "sd15": _build_sd15,
     "sd15-inpaint": partial(_build_sd15, in_channels=9),
+    "sd2": _build_sd2,
+    "sd2-inpaint": partial(_build_sd2, in_channels=9),
     "sdxl": _build_sdxl,
     "sdxl-inpaint": partial(_build_sdxl, in_channels=9),
     "sd3": _build_sd3,

@@ -202,18 +202,75 @@ def test_a_file_without_its_tensor_data_still_plans_and_refuses_to_load(tmp_path
     assert sorted(tmp_path.iterdir()) == [path]
 
 
-def test_an_sd2_file_plans_and_says_it_does_not_load_from_one_file_yet(tmp_path):
-    pipe = planner.build_shape_true("sd15", torch.float16, "meta")
-    tensors = {k: v for k, v in single_file.ldm_state_dict(pipe).items() if not k.startswith("cond_stage_model.")}
-    context = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-    tensors[context] = torch.empty((320, 1024), dtype=torch.float16, device="meta")  # OpenCLIP-H's width
-    tensors["cond_stage_model.model.token_embedding.weight"] = torch.empty((49408, 1024), dtype=torch.float16,
-                                                                           device="meta")
-    path = header_only_file(tmp_path / "v2-1_768.safetensors", tensors)
+def sd2_file(pipe, path):
+    """`pipe` as one SD 2.x checkpoint file that does not say its prediction type (as most files on Civitai)."""
+    safetensors.torch.save_file({k: v.contiguous() for k, v in single_file.ldm_state_dict(pipe).items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("key, task, cls", [("sd2", "txt2img", "StableDiffusionPipeline"),
+                                            ("sd2-inpaint", "inpaint", "StableDiffusionInpaintPipeline")])
+def test_an_sd2_file_paints_the_folder_models_image(key, task, cls, tmp_path, no_hub):
+    import diffusers
+
+    from helpers import tiny
+
+    folder_pipe = getattr(diffusers, cls).from_pretrained(tiny.ensure(key), safety_checker=None)
+    folder_pipe.set_progress_bar_config(disable=True)
+    path = single_file.save_single_file(folder_pipe, tmp_path / f"{key}.safetensors", half=False)
+    info = one_file.inspect(path)
+    assert info.prediction == folder_pipe.scheduler.config.prediction_type   # written by save_single_file
+    assert (info.family, info.inpaint) == ("sd2", key == "sd2-inpaint")   # diffusers says "v1": too small
+    pipe = loading.load_sd(str(path), task=task)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == cls and pipe.tokenizer.pad_token == "!"
+    assert pipe.scheduler.config.prediction_type == folder_pipe.scheduler.config.prediction_type
+    assert np.array_equal(paint(pipe, task), paint(folder_pipe, task)) and no_hub == []
+    if key == "sd2":
+        assert type(loading.load_sd(str(path), task="inpaint")).__name__ == "StableDiffusionInpaintPipeline"
+
+
+@pytest.mark.parametrize("bias, prediction, size", [(-3.0, "v_prediction", 32), (3.0, "epsilon", 64)])
+def test_an_sd2_file_that_does_not_say_its_prediction_is_asked_as_a1111_asks_it(bias, prediction, size, tmp_path):
+    """SD 2.x's 768 px v models and 512 px -base models have the same tensors: the UNet's answer at t=999 tells them
+    apart (A1111's test). A UNet whose output is a constant `bias` answers for v (below -1) or for the noise."""
+    import diffusers
+
+    from helpers import tiny
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny.ensure("sd2"), safety_checker=None)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.zero_()
+        pipe.unet.conv_out.bias.fill_(bias)
+    assert one_file.predicts_v(pipe.unet) == (prediction == "v_prediction")
+    loaded = loading.load_sd(str(sd2_file(pipe, tmp_path / "unsaid.safetensors")))
+    assert loaded.scheduler.config.prediction_type == prediction
+    assert loaded.unet.config.sample_size == size   # the -base models paint 512 px by default (64 latents)
+
+
+def test_a_real_size_sd2_header_is_matched_to_the_real_sd2_configs(tmp_path):
+    """SD 2.1's architecture (assets/configs/sd2), written as a header only: detected as SD 2.x, matched to the real
+    configs (UNet 865,910,724 parameters, as the hub's), planned at 768 px, and refused to load for its missing data."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = one_file.CONFIGS / "sd2"
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=one_file.clip_tokenizer(),
+                                   scheduler=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = header_only_file(tmp_path / "v2-1_768-ema-pruned.safetensors",
+                            {k: v.half() for k, v in single_file.ldm_state_dict(pipe).items()})
     info = one_file.inspect(path)
     assert (info.family, info.model_type) == ("sd2", "v2")
+    assert info.components["unet"]["params"] == 865_910_724
+    assert one_file.config_folder(info) == configs
     assert planner.plan(str(path), "t4").resolution == 768
-    with pytest.raises(ValueError, match="is an SD 2.x checkpoint.*does not load SD 2.x from one file yet"):
+    with pytest.raises(ValueError, match="is cut short: its header promises"):
         loading.load_sd(str(path))
 
 

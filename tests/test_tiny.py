@@ -115,5 +115,5 @@ def test_a_failed_build_leaves_no_folder_behind(tmp_path, monkeypatch):
 
 
 def test_unknown_key():
-    with pytest.raises(ValueError, match="No tiny model 'sd2'; known: sd15"):
-        tiny.ensure("sd2")
+    with pytest.raises(ValueError, match="No tiny model 'sd4'; known: sd15"):
+        tiny.ensure("sd4")

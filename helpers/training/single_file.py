@@ -1,9 +1,10 @@
 """Export a diffusers Stable Diffusion pipeline as ONE `.safetensors` checkpoint in the original (LDM/CompVis) key
-layout, the file AUTOMATIC1111, Forge and ComfyUI load from their checkpoints folder: SD 1.x and SDXL.
+layout, the file AUTOMATIC1111, Forge and ComfyUI load from their checkpoints folder: SD 1.x, SD 2.x and SDXL.
 
     model.diffusion_model.*          the UNet     (input_blocks / middle_block / output_blocks)
     first_stage_model.*              the VAE      (encoder.down.N.block.M / mid.attn_1 / decoder.up.N ...)
     cond_stage_model.transformer.*   SD 1.x's CLIP text encoder (`text_model.` keys, as transformers 4 named them)
+    cond_stage_model.model.*         SD 2.x's OpenCLIP-H text encoder (q/k/v joined into in_proj)
     conditioner.embedders.0.transformer.*  SDXL's CLIP-L;  conditioner.embedders.1.model.*  SDXL's OpenCLIP-G
 
 The mapping is the one of diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py and
@@ -53,7 +54,7 @@ def _convert(state_dict: dict, rules, what: str) -> dict:
                 break
         else:
             raise ValueError(f"No LDM name for the {what} weight {key!r}: this model's layout is not one the A1111 "
-                             "checkpoint format has (SD 1.x and SDXL UNets, VAEs and CLIP encoders are).")
+                             "checkpoint format has (SD 1.x, 2.x and SDXL UNets, VAEs and CLIP encoders are).")
     return out
 
 
@@ -122,8 +123,8 @@ def clip_to_ldm(state_dict: dict) -> dict:
 
 
 def open_clip_to_ldm(state_dict: dict) -> dict:
-    """A transformers CLIPTextModelWithProjection state dict -> OpenCLIP's keys (SDXL's second encoder, without its
-    `conditioner.embedders.1.model.` prefix): q, k and v joined into `in_proj`, the projection transposed."""
+    """A transformers CLIPTextModel(WithProjection) state dict -> OpenCLIP's keys (SDXL's second encoder, without its
+    `conditioner.embedders.1.model.` prefix; SD 2.x's under `cond_stage_model.model.`): q, k and v joined into `in_proj`, the projection transposed."""
     import torch
 
     sd = _text_model_keys(state_dict)
@@ -142,15 +143,22 @@ def open_clip_to_ldm(state_dict: dict) -> dict:
              ("text_projection.weight", "text_projection", []),
              ("text_model.encoder.layers.", "transformer.resblocks.", renames)]
     out.update(_convert(sd, rules, "OpenCLIP text encoder"))
-    out["text_projection"] = out["text_projection"].T  # Linear (out, in) -> OpenCLIP's matrix (in, out)
+    if "text_projection" in out:  # SDXL's (a CLIPTextModelWithProjection); SD 2.x's encoder is used without one
+        out["text_projection"] = out["text_projection"].T  # Linear (out, in) -> OpenCLIP's matrix (in, out)
     return out
+
+
+def is_sd2(pipe) -> bool:
+    """An SD 2.x pipeline: an SD pipeline whose text encoder is OpenCLIP's (gelu; OpenAI's CLIP uses quick_gelu)."""
+    xl = PIPELINES.get(type(pipe).__name__, "").startswith("stable-diffusion-xl")
+    return not xl and getattr(getattr(pipe.text_encoder, "config", None), "hidden_act", "") == "gelu"
 
 
 def ldm_state_dict(pipe) -> dict:
     """All the pipeline's weights under their LDM names (tensors as they are: dtype and device unchanged)."""
     name = type(pipe).__name__
     if name not in PIPELINES:
-        raise ValueError(f"save_single_file converts SD 1.x and SDXL pipelines ({', '.join(PIPELINES)}), not {name}: "
+        raise ValueError(f"save_single_file converts SD 1.x, 2.x and SDXL pipelines ({', '.join(PIPELINES)}), not {name}: "
                          "load an SD 1.x or SDXL model (helpers.load_sd('sd15') or 'sdxl'), or save this one as a "
                          "diffusers folder with pipe.save_pretrained(folder) instead.")
     if pipe.text_encoder is None or pipe.unet is None:
@@ -158,9 +166,7 @@ def ldm_state_dict(pipe) -> dict:
         raise ValueError(f"This {name} has no {missing} (an SDXL refiner?): only SD 1.x and SDXL base models have "
                          "an A1111 single-file layout here; save it with pipe.save_pretrained(folder) instead.")
     xl = PIPELINES[name].startswith("stable-diffusion-xl")
-    if not xl and pipe.unet.config.cross_attention_dim == 1024:  # SD 2.x: OpenCLIP-H in cond_stage_model.model
-        raise ValueError("This is an SD 2.x model (cross_attention_dim 1024), whose checkpoint layout (OpenCLIP-H text "
-                         "encoder) is not written here: save it with pipe.save_pretrained(folder) instead.")
+    sd2 = is_sd2(pipe)
     parts = {"unet": pipe.unet.state_dict(), "vae": pipe.vae.state_dict(),
              "text_encoder": pipe.text_encoder.state_dict()}
     if xl:
@@ -174,7 +180,9 @@ def ldm_state_dict(pipe) -> dict:
     out = {}
     out.update({f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(parts["unet"], pipe.unet.config).items()})
     out.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(parts["vae"], pipe.vae.config).items()})
-    if not xl:
+    if sd2:  # OpenCLIP-H as SD 2.x files hold it (its 23 layers: the 24th, unused by SD 2.x, is not in diffusers)
+        out.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_to_ldm(parts["text_encoder"]).items()})
+    elif not xl:
         out.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_to_ldm(parts["text_encoder"]).items()})
     else:
         out.update({f"conditioner.embedders.0.transformer.{k}": v
@@ -215,9 +223,15 @@ def save_single_file(pipe, path, *, half: bool = True, metadata: dict | None = N
             value = value.clone()
         seen.add(value.data_ptr())
         tensors[key] = value
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": PIPELINES[type(pipe).__name__],
+    architecture = PIPELINES[type(pipe).__name__]
+    if is_sd2(pipe):
+        v = getattr(getattr(pipe, "scheduler", None), "config", {}).get("prediction_type") == "v_prediction"
+        architecture = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "format": "pt", "dtype": "float16" if half else str(next(iter(tensors.values())).dtype).split(".")[-1]}
+    if is_sd2(pipe):  # said, so that no reader has to guess v from epsilon (helpers.one_file.predicts_v)
+        meta["modelspec.prediction_type"] = "v" if architecture.endswith("-v") else "epsilon"
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     return _write_replacing(path, lambda staged: safetensors.torch.save_file(tensors, str(staged), metadata=meta))
