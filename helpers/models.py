@@ -369,6 +369,14 @@ def _write_best_effort(path: Path, data: dict) -> None:
 _HASHES: dict = {}   # this session's, in front of the index on disk
 
 
+def legacy_hash(path) -> str:
+    """A1111's old model hash (before 1.0's SHA256), which kohya still writes as `ss_sd_model_hash`: the first 8 hex
+    digits of the SHA256 of the 64 KiB at offset 1 MiB. Reads 64 KiB, so it is never cached."""
+    with Path(path).open("rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
 def file_hash(path, cache: bool = True) -> str:
     """The SHA256 of a file (hex), computed once: cached by full path, size and modification time."""
     path = Path(path).resolve()

@@ -285,6 +285,9 @@ def test_a_lora_trains_on_a_checkpoint_behind_a_link_and_names_it_as_kohya_does(
     result = loop.train_lora(config, progress=False)
     metadata = export.read_lora_metadata(result.lora_path.parent / "sks.safetensors")
     assert metadata["ss_sd_model_name"] == "tinyshaper_v1.safetensors" and result.family == "sd15"
+    data = sd15_file.read_bytes()   # kohya's two hashes of the base model: A1111's old one and the file's SHA256
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
     assert files_fetched(server) == [f"/files/{sd15_file.name}"]
 
 

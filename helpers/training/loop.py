@@ -158,6 +158,10 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
                              "run folder (RUN_NAME) to train from the start.")
     profile = runtime.detect_profile()
     base_model = _local_model(config.base_model)
+    if registry.resolve(base_model).family == "sd2":   # generation loads it; training does not know its layout yet
+        raise ValueError(f"{config.base_model!r} is an SD 2.x checkpoint: the kit paints with SD 2.x but trains "
+                         "LoRAs and DreamBooth models on SD 1.x and SDXL only (their A1111/kohya metadata and "
+                         "layouts are the ones it writes). Train on an SD 1.5 or SDXL checkpoint.")
     if config.method == "full":   # before a model of several GB is loaded
         check_full_fits(base_model, registry.resolve(base_model).family, profile, config.optimizer,
                         resolution, config.batch_size)
@@ -411,6 +415,17 @@ def _local_model(base_model: str) -> str:
     return str(models.download(base_model, kind="checkpoint")) if models.is_link(base_model) else base_model
 
 
+def _model_hashes(base_model: str) -> dict:
+    """kohya's hashes of the base model where it is a file (a downloaded link too): `ss_sd_model_hash`, the old A1111
+    hash (models.legacy_hash), and `ss_new_sd_model_hash`, the file's SHA256. None for a hub model or a folder."""
+    from .. import models
+
+    path = Path(_local_model(base_model)) if models.is_link(base_model) else Path(base_model)
+    if not path.is_file():
+        return {}
+    return {"ss_sd_model_hash": models.legacy_hash(path), "ss_new_sd_model_hash": models.file_hash(path)}
+
+
 def _model_label(base_model: str) -> str:
     """The base model as kohya's `ss_sd_model_name` names it: a file's name (not its folders), else the catalogue
     name or hub id as given."""
@@ -468,7 +483,8 @@ def _export_lora(accelerator, unet, encoders, config, family, run_dir: Path, ste
     name = _output_name(config, run_dir)
     export.save_lora_kohya(run_dir / "lora" / f"{name}.safetensors", state, *te_states, family=family,
                            alpha=config.alpha, steps=step, base_model=_model_label(config.base_model),
-                           trigger_word=config.trigger or "", output_name=name, resolution=resolution)
+                           trigger_word=config.trigger or "", output_name=name, resolution=resolution,
+                           metadata=_model_hashes(config.base_model))
     return path
 
 
@@ -502,7 +518,8 @@ def _export_full(accelerator, pipe, unet, config, family, run_dir: Path, step: i
         print(f"No A1111 single-file checkpoint ({e}): the diffusers folder {target} holds the model.")
         return None
     name = _output_name(config, run_dir)
-    metadata = {"ss_steps": str(step), "ss_sd_model_name": _model_label(config.base_model), "modelspec.title": name}
+    metadata = {"ss_steps": str(step), "ss_sd_model_name": _model_label(config.base_model), "modelspec.title": name,
+                **_model_hashes(config.base_model)}
     return save_single_file(pipe, run_dir / f"{name}.safetensors", half=True, metadata=metadata)
 
 
