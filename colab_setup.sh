@@ -31,8 +31,11 @@ else
   "$PYTHON" -m pip install -q "$SPEC"
   TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)"  # (numpy is not there yet: torch warns)
 fi
-# pip may not replace the torch we have, whatever another package asks for
-echo "torch==$TORCH_VERSION" > "$TORCH_PIN"
+# pip may not replace the torch we have, whatever another package asks for. Pinned by its package metadata, the
+# version pip matches: PyPI's CUDA wheels say torch.__version__ == "2.11.0+cu130" but are the distribution "2.11.0"
+# (a pin of the first matches nothing installed: ResolutionImpossible); the CPU index's keep "+cpu" in both.
+TORCH_DIST="$(cd / && "$PYTHON" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)"
+echo "torch==${TORCH_DIST:-$TORCH_VERSION}" > "$TORCH_PIN"
 
 STEP="find what is missing"
 # the pins that apply here: on Colab, not its own widgets and scipy, and not the test tools

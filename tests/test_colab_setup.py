@@ -36,13 +36,19 @@ def fake(tmp_path):
     return tmp_path
 
 
-def run_setup(fake, colab=False, torch=None, **env):
+def run_setup(fake, colab=False, torch=None, torch_dist=None, **env):
+    """torch: the fake torch's __version__; torch_dist: the version its package metadata says (a dist-info beside it),
+    None for none."""
     if colab:
         (fake / "mods" / "google" / "colab").mkdir(parents=True)
         (fake / "mods" / "google" / "colab" / "__init__.py").write_text("")
     if torch:
         (fake / "mods" / "torch").mkdir()
         (fake / "mods" / "torch" / "__init__.py").write_text(f"__version__ = {torch!r}")
+    if torch_dist:
+        info = fake / "mods" / f"torch-{torch_dist}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_dist}\n")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("COLAB")}
     environ.update(PYTHON=str(fake / "python"), FAKE=str(fake), REAL_PYTHON=sys.executable, REPO=str(ROOT), **env)
     result = subprocess.run(["bash", str(ROOT / "colab_setup.sh")], capture_output=True, text=True, env=environ,
@@ -77,3 +83,17 @@ def test_a_failing_step_is_named_and_exits_non_zero(fake):
     result, _ = run_setup(fake, torch="2.13.0+cpu", FAKE_PIP_RC="1")
     assert result.returncode == 1
     assert "[setup] FAILED at step: pip install (" in result.stderr
+
+
+@pytest.mark.parametrize("version, dist", [("2.11.0+cu130", "2.11.0"),      # PyPI's CUDA wheels: no label in metadata
+                                           ("2.13.0+cpu", "2.13.0+cpu"),    # the CPU index's: the label in both
+                                           ("2.5.1+rocm6.2", "2.5.1+rocm6.2"), ("2.12.0", "2.12.0")])
+@pytest.mark.parametrize("colab", [True, False])
+def test_torch_is_pinned_by_the_version_pip_sees(fake, version, dist, colab):
+    """The pin must match the installed distribution, or pip fails with ResolutionImpossible (FACTS.md)."""
+    result, log = run_setup(fake, colab=colab, torch=version, torch_dist=dist)
+    assert result.returncode == 0, result.stderr
+    assert f"torch {version} present: left as it is" in result.stdout
+    constraints = " ".join(line for line in log.splitlines() if line.startswith("constraints"))
+    assert f"torch=={dist} " in constraints + " "
+    assert not any(line.startswith("pip install -q torch") for line in log.splitlines())
