@@ -40,6 +40,36 @@ def test_a_run_killed_and_resumed_ends_with_the_same_weights(dataset, tmp_path):
     assert (tmp_path / "cut" / "loss.png").is_file()
 
 
+def test_a_lora_checkpoint_holds_the_adapter_and_optimizer_never_the_frozen_base(dataset, tmp_path, capsys):
+    loop.train_lora(config(dataset, tmp_path, train_text_encoder=True), stop_after=2, progress=False)
+    [(_, checkpoint)] = loop.checkpoints(tmp_path)
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert "adapter_0.safetensors" in files and "adapter_1.safetensors" in files   # the UNet's and the text encoder's
+    assert not [f for f in files if f.startswith("model")]                         # no whole model
+    for name in ("adapter_0.safetensors", "adapter_1.safetensors"):
+        tensors = load_file(checkpoint / name)
+        assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), list(tensors)[:3]
+    base = sum(p.stat().st_size for p in checkpoint.rglob("*"))
+    assert "Each checkpoint: about " in capsys.readouterr().out
+    from helpers import loading
+
+    unet_bytes = sum(p.numel() * 4 for p in loading.load_sd("sd15").unet.parameters())
+    assert base < unet_bytes / 4   # the tiny UNet alone is larger than the whole checkpoint
+
+
+def test_a_checkpoint_of_whole_models_from_an_earlier_version_still_resumes_exactly(dataset, tmp_path, monkeypatch):
+    whole = loop.train_lora(config(dataset, tmp_path / "whole"), progress=False)
+    with monkeypatch.context() as m:   # the earlier behaviour: accelerate saves every prepared model whole
+        m.setattr(loop, "save_trained_only", lambda accelerator: None)
+        loop.train_lora(config(dataset, tmp_path / "old"), stop_after=3, progress=False)
+    [(_, old)] = loop.checkpoints(tmp_path / "old")
+    assert (old / "model.safetensors").is_file() and not (old / "adapter_0.safetensors").exists()
+    resumed = loop.train_lora(config(dataset, tmp_path / "old"), progress=False)
+    assert resumed.resumed_from == 2
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_only_the_last_checkpoints_are_kept_and_half_saves_never_count(dataset, tmp_path):
     loop.train_lora(config(dataset, tmp_path, keep_checkpoints=2), progress=False)
     assert [s for s, _ in loop.checkpoints(tmp_path)] == [4, 6]

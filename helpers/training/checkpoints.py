@@ -5,7 +5,8 @@ run folder's full path and that id, so a run deleted to start over, or another r
 stranger's checkpoint.
 
 `accelerator.save_state` writes the whole state (weights, optimizer, learning-rate schedule, RNG states of every
-process) into a hidden staging folder of the run, which is renamed to `checkpoint-<step>` once complete, so a kill
+process; for a LoRA/DoRA run the adapter weights only, never the frozen base: see save_trained_only) into a hidden
+staging folder of the run, which is renamed to `checkpoint-<step>` once complete, so a kill
 during a save leaves the previous checkpoint whole; the last `keep` are kept. With several processes, save_state is
 called on every rank (each writes its own RNG state) and only the main process renames and prunes, between barriers.
 """
@@ -23,6 +24,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SETTINGS_NAME = "settings.json"   # beside the state: the settings that shape the weights (see check_resumable)
 LOSSES_NAME = "losses.json"       # beside the state: the logged losses up to its step (the run's loss.csv may lag)
 RUN_ID_NAME = ".run-id"
+ADAPTER_NAME = "adapter_{}.safetensors"   # a LoRA run's trained weights, one file a prepared model (peft's state dict)
 
 
 def fallback_dir(run_dir, ident: str | None = None) -> Path | None:
@@ -54,6 +56,44 @@ def start_run(run_dir) -> str:
     except OSError as e:
         raise storage.cannot_write("the run's id", path, e) from e
     return new
+
+
+def save_trained_only(accelerator) -> None:
+    """For a LoRA/DoRA run: save_state writes each prepared model's adapter weights (peft's state dict, a few MB) as
+    adapter_<i>.safetensors instead of the whole model with its frozen base (GBs), and load_state reads them back,
+    as diffusers' training examples do with the same accelerate hooks. A checkpoint of an earlier version (whole
+    models, model.safetensors) still resumes: where it holds no adapter file, accelerate loads the whole models."""
+    import safetensors.torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def save(models, weights, output_dir):
+        for i, model in enumerate(models):
+            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+            if accelerator.is_main_process:
+                safetensors.torch.save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+                                            str(Path(output_dir) / ADAPTER_NAME.format(i)))
+        weights.clear()   # nothing more for accelerate to write: the frozen base is never saved
+
+    def load(models, input_dir):
+        if not (Path(input_dir) / ADAPTER_NAME.format(0)).is_file():
+            return   # an older checkpoint of whole models: accelerate loads them
+        for i, model in enumerate(models):
+            state = safetensors.torch.load_file(str(Path(input_dir) / ADAPTER_NAME.format(i)))
+            result = set_peft_model_state_dict(accelerator.unwrap_model(model), state)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{input_dir}: its adapter {i} does not fit this run's model (unexpected "
+                                 f"{result.unexpected_keys[:3]}): resume with the run's own settings.")
+        models.clear()   # loaded here: accelerate has none left to load
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def checkpoint_bytes(params, optimizer: str) -> int:
+    """About the size of one checkpoint of a run whose trained parameters are `params`: the fp32 weights and the
+    optimizer's two moments (fp32, or a byte each for 8-bit AdamW); RNG and scheduler states are a few KB."""
+    n = sum(p.numel() for p in params)
+    return n * 4 + n * (2 if "8bit" in str(optimizer) else 8)
 
 
 def checkpoints(run_dir) -> list[tuple[int, Path]]:

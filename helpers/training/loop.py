@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import images as imaging
-from .. import smoke
-from .checkpoints import check_resumable, checkpoints, run_id, saved_losses, save_checkpoint, start_run, strangers
+from .. import smoke, storage
+from .checkpoints import (check_resumable, checkpoint_bytes, checkpoints, run_id, save_checkpoint, save_trained_only,
+                          saved_losses, start_run, strangers)
 from .config import METHODS, TARGETS, TrainConfig  # noqa: F401 (TrainConfig stays importable from here)
 from .losses import append_loss, plot_losses, read_losses, write_losses
 from .losses import loss as _loss
@@ -240,6 +241,11 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
+    if config.method != "full":   # checkpoints hold the adapters, never the frozen base (checkpoints.py)
+        save_trained_only(accelerator)
+    if main:
+        print(f"Each checkpoint: about {storage.size_text(checkpoint_bytes(params, config.optimizer))} (trained "
+              f"weights and optimizer state), {config.keep_checkpoints} kept.")
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     unet = prepared[0]
     encoders = prepared[1:] if config.train_text_encoder else text_encoders
