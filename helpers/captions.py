@@ -64,28 +64,33 @@ def with_trigger(caption: str, trigger: str | None) -> str:
 
 
 def caption_batch(model, processor, images: list, style: str = "detailed", max_new_tokens: int | None = None,
-                  max_chars: int | None = None) -> list[str]:
-    """Captions of several PIL images in one batched generate (left padding), greedy."""
+                  max_chars: int | None = None, image_budget: str = "high") -> list[str]:
+    """Captions of several PIL images in one batched generate (left padding), greedy. image_budget: how many tokens
+    each image takes (vlm.image_budget: "low", "medium", "high"; a detailed caption reads the whole grid best)."""
     import torch
+
+    from .vlm import image_budget as budget
 
     _check_style(style)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": STYLES[style]}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     processor.tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    inputs = processor(images=list(images), text=[prompt] * len(images), padding=True,
-                       return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        output = model.generate(**inputs, do_sample=False,
-                                max_new_tokens=smoke.cap("max_new_tokens", max_new_tokens or MAX_NEW_TOKENS[style]))
+    with budget(model, processor, image_budget):
+        inputs = processor(images=list(images), text=[prompt] * len(images), padding=True,
+                           return_tensors="pt").to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=smoke.cap(
+                "max_new_tokens", max_new_tokens or MAX_NEW_TOKENS[style]))
     texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return [clean_caption(t, style, max_chars) for t in texts]
 
 
 def caption_image(model, processor, image, style: str = "detailed", trigger: str | None = None,
-                  max_new_tokens: int | None = None, max_chars: int | None = None) -> str:
+                  max_new_tokens: int | None = None, max_chars: int | None = None, image_budget: str = "high") -> str:
     """The caption of one image (PIL image, path or URL), with the trigger word first if given."""
-    caption = caption_batch(model, processor, [imaging.open_image(image)], style, max_new_tokens, max_chars)[0]
+    caption = caption_batch(model, processor, [imaging.open_image(image)], style, max_new_tokens, max_chars,
+                            image_budget)[0]
     return with_trigger(caption, trigger)
 
 
@@ -250,11 +255,15 @@ def restore_fallback_captions(folder) -> list[Path]:
 
 def caption_folder(folder, model, processor, style: str = "detailed", trigger: str | None = None,
                    max_new_tokens: int | None = None, max_chars: int | None = None, batch_size: int = 4,
-                   overwrite: bool = False, progress: bool = True) -> CaptionReport:
-    """Caption every image under `folder` (sub-folders too, e.g. kohya's `10_name`) into `.txt` files beside them."""
+                   overwrite: bool = False, progress: bool = True, image_budget: str = "high") -> CaptionReport:
+    """Caption every image under `folder` (sub-folders too, e.g. kohya's `10_name`) into `.txt` files beside them.
+    image_budget: "low" (the base view and one tile: fewer tokens, faster), "medium" or "high" (see vlm)."""
     from tqdm.auto import tqdm
 
+    from .vlm import _check_budget
+
     _check_style(style)
+    _check_budget(image_budget)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, not {batch_size!r}.")
     with_trigger("", trigger)  # a trigger with a line break: refused before anything is captioned
@@ -288,7 +297,8 @@ def caption_folder(folder, model, processor, style: str = "detailed", trigger: s
         if not batch:
             continue
         try:
-            captions = caption_batch(model, processor, [im for _, im in batch], style, max_new_tokens, max_chars)
+            captions = caption_batch(model, processor, [im for _, im in batch], style, max_new_tokens, max_chars,
+                                     image_budget)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory on this batch: report, go on with the next
             for path, _ in batch:
                 report.failed[path] = f"{type(e).__name__}: {e}"

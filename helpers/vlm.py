@@ -4,7 +4,13 @@ A ChatSession keeps the turns (text and images) and rebuilds the whole prompt ea
 template, so a follow-up question still sees the images of earlier turns. It streams answers, undoes and resets
 turns, counts what each image costs in tokens, refuses (or trims) a conversation that would overflow the model's
 context before the model sees it, and exports its transcript as Markdown and JSON.
+
+LLaVA 1.6 shows the model an image as a base view plus tiles of its anyres grid: up to ~2,900 tokens for a large
+square photo. An image budget caps that grid (image_budget): "low" is the base view and one tile (~1,176 tokens at
+336 px), "medium" at most two tiles, "high" the checkpoint's whole grid; "auto" is "high", stepping down when a
+conversation would overflow the context. Fewer image tokens: a faster first token and a smaller KV cache.
 """
+import contextlib
 import io
 import json
 import threading
@@ -15,6 +21,38 @@ from . import images as imaging
 from . import smoke, storage
 
 TRANSCRIPT_FORMAT = "llava-sd-notebooks chat v1"
+IMAGE_BUDGETS = {"low": 1, "medium": 2, "high": None, "auto": None}   # budget -> most tiles of the anyres grid
+
+
+def _check_budget(budget: str) -> None:
+    if budget not in IMAGE_BUDGETS:
+        raise ValueError(f"`image_budget` must be one of {', '.join(map(repr, IMAGE_BUDGETS))}, not {budget!r}: "
+                         "'low' shows the model the base view and one tile of each image (fewest tokens), 'high' "
+                         "the whole anyres grid.")
+
+
+@contextlib.contextmanager
+def image_budget(model, processor, budget: str = "auto"):
+    """Within this block, the processor and the model tile images into at most the budget's grid (IMAGE_BUDGETS):
+    the grid points of more tiles are left out of both, which must agree (else transformers raises "Image features
+    and image tokens do not match"). "high" and "auto" change nothing."""
+    _check_budget(budget)
+    tiles = IMAGE_BUDGETS[budget]
+    image_processor = getattr(processor, "image_processor", None)
+    grid = getattr(model.config, "image_grid_pinpoints", None)
+    if tiles is None or not grid or image_processor is None:
+        yield
+        return
+    size = model.config.vision_config.image_size
+    kept = [list(p) for p in grid if (p[0] // size) * (p[1] // size) <= tiles] or [[size, size]]
+    if [size, size] not in kept and tiles == 1:
+        kept = [[size, size]]
+    saved = (model.config.image_grid_pinpoints, image_processor.image_grid_pinpoints)
+    model.config.image_grid_pinpoints = image_processor.image_grid_pinpoints = kept
+    try:
+        yield
+    finally:
+        model.config.image_grid_pinpoints, image_processor.image_grid_pinpoints = saved
 
 
 @dataclass
@@ -62,17 +100,21 @@ class _StopFlag:
 
 class ChatSession:
     def __init__(self, model, processor, system_prompt: str | None = None,
-                 settings: GenerationSettings | None = None, on_overflow: str = "error"):
+                 settings: GenerationSettings | None = None, on_overflow: str = "error", image_budget: str = "auto"):
         """on_overflow: "error" (say so and change nothing) or "drop_oldest" (drop the oldest turns, and say so)
-        when a turn would not fit the model's context."""
+        when a turn would not fit the model's context. image_budget: "low", "medium", "high" or "auto" (see the
+        module's docstring): how many tokens each image takes."""
         if on_overflow not in ("error", "drop_oldest"):
             raise ValueError(f"`on_overflow` must be 'error' or 'drop_oldest', not {on_overflow!r}.")
+        _check_budget(image_budget)
+        self.image_budget = image_budget
         self.model, self.processor = model, processor
         self.system_prompt = system_prompt
         self.settings = settings or GenerationSettings()
         self.on_overflow = on_overflow
         self.turns: list[Turn] = []
-        self._image_tokens: dict[int, tuple] = {}   # id(image) -> (image, tokens); the image is kept so ids stay unique
+        self._image_tokens: dict[tuple, tuple] = {}   # (id(image), budget) -> (image, tokens); the image is kept
+        self._budget = image_budget if image_budget != "auto" else "high"   # what the last turn was sent with
 
     # --- what the model sees ---------------------------------------------------------------------------------------
 
@@ -95,22 +137,28 @@ class ChatSession:
             out.append({"role": turn.role, "content": content})
         return out
 
-    def inputs(self, turns=None):
-        """Model inputs for `turns` (default: the session's), with the generation prompt appended."""
+    def inputs(self, turns=None, budget: str | None = None):
+        """Model inputs for `turns` (default: the session's), with the generation prompt appended, the images at
+        `budget` (default: the session's)."""
         turns = self.turns if turns is None else turns
         prompt = self.processor.apply_chat_template(self.messages(turns), add_generation_prompt=True)
         images = [im for turn in turns for im in turn.images]
-        inputs = self.processor(images=images or None, text=prompt, return_tensors="pt").to(self.model.device)
+        with image_budget(self.model, self.processor, budget or self._budget):
+            inputs = self.processor(images=images or None, text=prompt, return_tensors="pt").to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def image_tokens(self, image) -> int:
-        """How many tokens of the prompt `image` takes (LLaVA 1.6 tiles an image: ~2,900 for a large square one)."""
-        if id(image) not in self._image_tokens:
-            ids = self.processor(images=image, text=self.processor.image_token, return_tensors="pt")["input_ids"]
-            self._image_tokens[id(image)] = (image, int((ids == self.model.config.image_token_index).sum()))
-        return self._image_tokens[id(image)][1]
+    def image_tokens(self, image, budget: str | None = None) -> int:
+        """How many tokens of the prompt `image` takes at `budget` (default: the session's; LLaVA 1.6 tiles an
+        image: ~2,900 for a large square one at "high")."""
+        budget = budget or self._budget
+        key = (id(image), budget)
+        if key not in self._image_tokens:
+            with image_budget(self.model, self.processor, budget):
+                ids = self.processor(images=image, text=self.processor.image_token, return_tensors="pt")["input_ids"]
+            self._image_tokens[key] = (image, int((ids == self.model.config.image_token_index).sum()))
+        return self._image_tokens[key][1]
 
     # --- a turn ------------------------------------------------------------------------------------------------------
 
@@ -131,17 +179,25 @@ class ChatSession:
         turns = [*self.turns, turn]
         kwargs = self.settings.generate_kwargs()
         budget = self.context_limit - kwargs["max_new_tokens"]
+        # "auto": the whole grid, then fewer tiles, before any turn is dropped or refused
+        budgets = ["high", "medium", "low"] if self.image_budget == "auto" else [self.image_budget]
         while True:
-            inputs = self.inputs(turns)
-            length = inputs["input_ids"].shape[1]
-            if length <= budget:
-                return turns, inputs, kwargs
+            for images_at in budgets:
+                inputs = self.inputs(turns, images_at)
+                length = inputs["input_ids"].shape[1]
+                if length <= budget:
+                    if images_at != budgets[0]:
+                        print(f"Images at the {images_at!r} budget ({length} prompt tokens) to fit the model's "
+                              f"context of {self.context_limit} tokens.")
+                    self._budget = images_at
+                    return turns, inputs, kwargs
             if self.on_overflow == "error" or len(turns) <= 1:
                 raise ValueError(
                     f"This turn needs {length} prompt tokens + {self.context_limit - budget} new tokens, more than "
                     f"the model's context of {self.context_limit} tokens (images take "
-                    f"{', '.join(str(self.image_tokens(im)) for t in turns for im in t.images) or 'none'} tokens). "
-                    "Undo or reset the conversation, use fewer or smaller images, lower max_new_tokens"
+                    f"{', '.join(str(self.image_tokens(im, budgets[-1])) for t in turns for im in t.images) or 'none'}"
+                    " tokens). Undo or reset the conversation, use fewer or smaller images"
+                    + (", image_budget='low'" if budgets[-1] != "low" else "") + ", lower max_new_tokens"
                     + (", or create the session with on_overflow='drop_oldest'." if self.on_overflow == "error"
                        else "."))
             dropped = turns[:2] if len(turns) > 2 else turns[:1]
@@ -159,7 +215,7 @@ class ChatSession:
             torch.manual_seed(self.settings.seed)
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
-        with torch.inference_mode():
+        with torch.inference_mode(), image_budget(self.model, self.processor, self._budget):
             return self.model.generate(**inputs, streamer=streamer, **kwargs)
 
     def send(self, text: str, images=None) -> str:

@@ -95,7 +95,7 @@ def test_sampling_with_a_seed_is_reproducible(llava):
 
 
 def test_overflow_is_refused_before_the_model_runs(llava, monkeypatch):
-    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=4))
+    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=4), image_budget="high")
     monkeypatch.setattr(vlm.ChatSession, "context_limit", property(lambda self: 100))
     with pytest.raises(ValueError, match=r"This turn needs \d+ prompt tokens \+ 4 new tokens, more than the model's "
                                          r"context of 100 tokens \(images take \d+ tokens\)"):
@@ -104,7 +104,8 @@ def test_overflow_is_refused_before_the_model_runs(llava, monkeypatch):
 
 
 def test_overflow_can_drop_the_oldest_turns_and_says_so(llava, monkeypatch, capsys):
-    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=2), on_overflow="drop_oldest")
+    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=2), on_overflow="drop_oldest",
+                              image_budget="high")
     session.send("What is shown in this image?", images=[noise(32, 32)])
     first_len = session.inputs()["input_ids"].shape[1]
     monkeypatch.setattr(vlm.ChatSession, "context_limit", property(lambda self: first_len + 4))
@@ -156,3 +157,47 @@ def test_loading_something_else_than_a_transcript(llava, tmp_path):
     (tmp_path / "t.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="is not a chat transcript of this project"):
         vlm.ChatSession.load(tmp_path / "t.json", *llava)
+
+
+def test_an_image_budget_caps_the_tokens_an_image_takes_and_the_model_agrees(llava):
+    """The tiny model's grid is 2x1, 1x2 and 2x2 tiles of 32 px: "low" keeps one tile, "medium" two."""
+    model, processor = llava
+    grid = [list(p) for p in model.config.image_grid_pinpoints]
+    image = noise(200, 120)   # a wide photo: its best grid at "high" is 2x2, at "medium" 2x1, at "low" one tile
+    tokens = {}
+    for budget in ("low", "medium", "high"):
+        session = vlm.ChatSession(model, processor, settings=vlm.GenerationSettings(max_new_tokens=3),
+                                  image_budget=budget)
+        tokens[budget] = session.image_tokens(image)
+        answer = session.send("What is shown in this image?", images=[image])   # features match tokens, or raises
+        assert isinstance(answer, str)
+        assert image_token_count(session, session.inputs(session.turns[:1])) == tokens[budget]
+    assert tokens["low"] < tokens["medium"] < tokens["high"]
+    assert [list(p) for p in model.config.image_grid_pinpoints] == grid == \
+        [list(p) for p in processor.image_processor.image_grid_pinpoints]   # restored after each use
+
+
+def test_auto_steps_the_budget_down_before_a_turn_is_refused(llava, monkeypatch, capsys):
+    model, processor = llava
+    image = noise(64, 64)
+    low = vlm.ChatSession(model, processor, image_budget="low").inputs([vlm.Turn("user", "What is this?", [image])])
+    monkeypatch.setattr(vlm.ChatSession, "context_limit", property(lambda self: low["input_ids"].shape[1] + 3))
+    session = vlm.ChatSession(model, processor, settings=vlm.GenerationSettings(max_new_tokens=3))
+    session.send("What is this?", images=[image])
+    out = capsys.readouterr().out
+    assert "Images at the 'low' budget" in out or "Images at the 'medium' budget" in out   # equal for a square
+    assert len(session.turns) == 2 and session._budget != "high"
+    strict = vlm.ChatSession(model, processor, settings=vlm.GenerationSettings(max_new_tokens=3),
+                             image_budget="high")
+    with pytest.raises(ValueError, match="image_budget='low'"):
+        strict.send("What is this?", images=[image])
+
+
+def test_captions_take_an_image_budget_and_a_bad_one_is_named(llava, tmp_path):
+    from helpers import captions
+
+    noise(64, 64).save(tmp_path / "a.png")
+    report = captions.caption_folder(tmp_path, *llava, style="short", image_budget="low", progress=False)
+    assert report.written == [tmp_path / "a.png"] and (tmp_path / "a.txt").is_file()
+    with pytest.raises(ValueError, match=r"`image_budget` must be one of 'low', 'medium', 'high', 'auto', not 'tiny'"):
+        vlm.ChatSession(*llava, image_budget="tiny")
