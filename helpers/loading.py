@@ -5,7 +5,9 @@ and the dtype follows the runtime's policy (fp16 on a T4, bf16 from Ampere on, f
 are loaded; remote code never runs. A one-file `.safetensors` checkpoint (A1111/Civitai) loads offline through
 helpers.one_file. On a GPU the planner checks that the model fits before anything is downloaded.
 """
+import dataclasses
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import memory, registry, runtime
@@ -102,64 +104,201 @@ def main_weights_file(resolved, variant: str | None = None) -> str | None:
     return None
 
 
-def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runtime.Profile | None = None):
+# What quantization="4bit"/"8bit" applies to where the planner's Route does not say: the denoiser and the T5 encoder
+# (the two large parts of FLUX and SD3: FACTS.md); the CLIP encoders and the VAE are small and stay 16-bit.
+QUANTIZED_PARTS = {"flux": ("transformer", "text_encoder_2"), "sd3": ("transformer", "text_encoder_3"),
+                   "sdxl": ("unet",), "sd15": ("unet",)}
+T5_ENCODERS = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
+DROP_T5_CAVEAT = ("SD3 without its T5 encoder (text_encoder_3=None): about 9 GB less to load, but prompts are "
+                  "followed less closely, long prompts and text in images most of all.")
+
+
+@contextmanager
+def _bitsandbytes_without_gpu():
+    """Loading with bitsandbytes where no GPU is present (the CPU). diffusers' bitsandbytes quantizers refuse it in
+    their validate_environment (`RuntimeError: No GPU found. A GPU is needed for quantization.`), though bitsandbytes
+    has CPU kernels for 4- and 8-bit (measured: FACTS.md). Workaround, narrowly: while loading, that one error of that
+    one method is ignored; anything else it raises still raises. (diffusers 0.42.1)"""
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+
+    classes = (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer)
+    originals = {cls: cls.__dict__["validate_environment"] for cls in classes}
+
+    def lifted(original):
+        def validate_environment(self, *args, **kwargs):
+            try:
+                return original(self, *args, **kwargs)
+            except RuntimeError as e:
+                if "No GPU found" not in str(e):
+                    raise
+        return validate_environment
+
+    for cls, original in originals.items():
+        cls.validate_environment = lifted(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.validate_environment = original
+
+
+def quantization_config(quantization: str, components, dtype):
+    """diffusers' PipelineQuantizationConfig for bitsandbytes `quantization` ("4bit": nf4 with double quant,
+    computing in `dtype`; "8bit": LLM.int8) of the pipeline's `components`."""
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    if quantization == "4bit":
+        return PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit", components_to_quantize=list(components),
+            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                          "bnb_4bit_compute_dtype": dtype})
+    return PipelineQuantizationConfig(quant_backend="bitsandbytes_8bit", quant_kwargs={"load_in_8bit": True},
+                                      components_to_quantize=list(components))
+
+
+def _check_bitsandbytes(quantization: str) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"quantization={quantization!r} needs bitsandbytes (Colab does not have it): "
+                          "pip install bitsandbytes") from e
+
+
+def _route(resolved, base, gguf_info, quantization, route, dtype, profile) -> memory.Route:
+    """The Route to load by: the one asked for, else the planner's on CUDA, else the device itself."""
+    if isinstance(route, memory.Route):
+        return route
+    wanted = "none" if quantization == "auto" and profile.device != "cuda" else quantization
+    plan_name = _plan_name(base)
+    if route is None and plan_name is not None and profile.device == "cuda":  # said before a download, not after
+        # a GGUF transformer is planned as its base model at the file's precision (Q8 as 8-bit, Q2-Q6 as 4-bit)
+        asked = gguf_info.precision if gguf_info and quantization == "auto" else quantization
+        return _planned(lambda: memory.sd_route(plan_name, str(dtype).split(".")[-1], profile, asked), plan_name,
+                        memory.Route(name="gpu", quantization="none" if wanted == "auto" else wanted))
+    return memory.Route(name=route or ("gpu" if profile.device == "cuda" else profile.device),
+                        quantization="none" if wanted == "auto" else wanted)
+
+
+def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runtime.Profile | None = None,
+            quantization: str = "auto", route=None, drop_t5: bool = False):
     """A diffusers pipeline for `task` ("txt2img", "img2img" or "inpaint") from a catalogue name or alias, a hub id,
-    a folder or a one-file `.safetensors` checkpoint, in the runtime's dtype, on its device. SDXL from the hub in fp16
-    gets the fp16-fix VAE (the stock one overflows to black); a one-file SDXL keeps its own VAE, which diffusers
-    decodes in fp32 (force_upcast), so that no hub call is made. An inpainting file loads for "inpaint" only.
-    The pipeline records `_helpers_model_name` (the file's stem, or the catalogue name) and `_helpers_model_file`
-    (main_weights_file) for the PNG metadata."""
+    a folder, a one-file `.safetensors` checkpoint or a FLUX `.gguf` transformer file (its other parts come from its
+    base model, helpers.gguf), in the runtime's dtype, on its device. SDXL from the hub in fp16 gets the fp16-fix VAE
+    (the stock one overflows to black); a one-file SDXL keeps its own VAE, which diffusers decodes in fp32
+    (force_upcast), so that no hub call is made. An inpainting file loads for "inpaint" only.
+
+    quantization: "auto" (the planner's choice on CUDA: 4-bit for SD3 and FLUX on a T4; "none" on CPU), "4bit"
+    (bitsandbytes nf4, double quant, computing in the runtime dtype), "8bit" or "none"; it applies to the denoiser and
+    the T5 encoder (QUANTIZED_PARTS) or to the parts the planner names, on any device bitsandbytes runs on, the CPU
+    included. route: None (planned: memory.sd_route on CUDA), a memory.Route, or a route name: "gpu",
+    "model_offload", "staged" (the text encoders load, encode and are freed before the denoiser runs: helpers.staged;
+    FLUX and SD3), or the CPU device. drop_t5: SD3 without its T5 encoder (less memory, weaker prompt following).
+    The pipeline records `_helpers_model_name` (the file's stem, or the catalogue name), `_helpers_model_file`
+    (main_weights_file) for the PNG metadata, and `_helpers_route` (the Route it was loaded by)."""
     if task not in SD_PIPELINES:
         raise ValueError(f"`task` must be one of {', '.join(SD_PIPELINES)}, not {task!r}.")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"`quantization` must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
+    if route is not None and not isinstance(route, memory.Route) and route not in memory.ROUTES + ("cpu", "mps"):
+        raise ValueError(f"`route` must be one of {', '.join(memory.ROUTES)}, the CPU device or a memory.Route, not "
+                         f"{route!r}.")
     from . import models
 
     if models.is_link(name):   # a Civitai, Hugging Face or direct link: the file, downloaded once (models.py)
         name = str(models.download(name, kind="checkpoint"))
-    resolved = registry.resolve(name, task=task)
+    resolved = registry.resolve(name, task=task, quantized=quantization in ("4bit", "8bit"))
     if resolved.family == "llava_next":
         raise ValueError(f"{name!r} is a LLaVA model: load it with load_llava({name!r}).")
     import diffusers
     from safetensors import SafetensorError
     import torch
 
-    from . import one_file
+    from . import gguf, one_file, staged
 
+    gguf_info = gguf.inspect(resolved.source) if resolved.gguf else None
+    # a GGUF file is a transformer only: the rest of the pipeline comes from the model it was made from
+    base = registry.resolve(gguf_info.base, task=task) if gguf_info else resolved
+    if drop_t5 and base.family != "sd3":
+        raise ValueError(f"`drop_t5` is for SD3 (its T5 encoder is optional); {name!r} is {base.family}.")
     if resolved.single_file:  # refused before anything is planned or loaded
         info = one_file.inspect(resolved.source)
         one_file.check_task(info, task)
         one_file.config_folder(info)
     profile = profile or runtime.detect_profile()
     dtype = dtype or runtime.pick_dtype(profile)
-    placement = profile.device
-    plan_name = _plan_name(resolved)
-    if plan_name is not None and profile.device == "cuda":  # say it before a download of many GB, not after
-        placement = _planned(lambda: memory.sd_placement(plan_name, str(dtype).split(".")[-1], profile), plan_name,
-                             "gpu")
+    plan = _route(resolved, base, gguf_info, quantization, route, dtype, profile)
+    parts = tuple(plan.quantized or QUANTIZED_PARTS.get(base.family, ())) if plan.quantization != "none" else ()
+    parts = tuple(p for p in parts if not (drop_t5 and p == T5_ENCODERS.get("sd3"))
+                  and not (gguf_info and p == "transformer"))
+    if plan.name == "staged" and base.family not in staged.FAMILIES:
+        raise ValueError(f"The staged route is for {', '.join(staged.FAMILIES)} models; {name!r} is {base.family}: "
+                         "load it with route='gpu' or 'model_offload'.")
+    if resolved.single_file and (parts or plan.name == "staged"):
+        raise ValueError(f"{name!r} is a one-file checkpoint, which loads unquantized on the gpu or model_offload "
+                         f"route only (asked: {plan.quantization}, {plan.name}): pass quantization='none', or load "
+                         "its diffusers folder or catalogue name.")
+    if parts:
+        _check_bitsandbytes(plan.quantization)
+    source, revision = base.source, base.revision
+    spec = base.spec
+    prequantized = bool(plan.quantization == "4bit" and parts and not base.tiny and spec and spec.prequantized_4bit)
+    if prequantized:  # its parts are nf4 already: no 16-bit weights to download, nor to hold in RAM while quantizing
+        source, revision = spec.prequantized_4bit, None
+        print(f"{spec.name} in 4-bit: loading the pre-quantized {source} (a smaller download).")
     kwargs = {"dtype": dtype, "use_safetensors": True}
-    if resolved.revision:
-        kwargs["revision"] = resolved.revision
-    if not resolved.tiny and resolved.spec and resolved.spec.fp16_variant and dtype == torch.float16:
+    if revision:
+        kwargs["revision"] = revision
+    if not base.tiny and spec and spec.fp16_variant and dtype == torch.float16 and not prequantized:
         kwargs["variant"] = "fp16"
+    if drop_t5:
+        print(DROP_T5_CAVEAT)
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    encoder, applied = None, parts
+    if plan.name == "staged":
+        texts = [p for p in parts if p.startswith("text_encoder")]
+        parts = tuple(p for p in parts if not p.startswith("text_encoder"))
+        text_kwargs = {k: v for k, v in kwargs.items() if k in ("variant", "text_encoder_3", "tokenizer_3")}
+        if texts and not prequantized:
+            text_kwargs["quantization_config"] = quantization_config(plan.quantization, texts, dtype)
+        encoder = staged.StagedEncoder(source, base.family, dtype, profile.device, revision, text_kwargs)
+        kwargs.update({te: None for te in staged.TEXT_ENCODERS[base.family]})
+    if parts and not prequantized:
+        kwargs["quantization_config"] = quantization_config(plan.quantization, parts, dtype)
+    if profile.device != "cuda" and (parts or prequantized):
+        kwargs["device_map"] = profile.device  # else diffusers' bitsandbytes loader asks torch.cuda for a device
     try:
-        if resolved.single_file:
-            pipe = one_file.load(resolved.source, task=task, dtype=dtype)
-        else:
-            if resolved.family == "sdxl" and dtype == torch.float16 and not resolved.tiny:
-                kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype,
-                                                                        use_safetensors=True)
-            pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(resolved.source, **kwargs)
+        with _bitsandbytes_without_gpu():
+            if gguf_info:
+                kwargs["transformer"] = gguf.load_transformer(gguf_info, base.source, dtype, base.revision)
+            if resolved.single_file:
+                pipe = one_file.load(resolved.source, task=task, dtype=dtype)
+            else:
+                if base.family == "sdxl" and dtype == torch.float16 and not base.tiny:
+                    kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(registry.SDXL_FP16_VAE, dtype=dtype,
+                                                                            use_safetensors=True)
+                pipe = getattr(diffusers, SD_PIPELINES[task]).from_pretrained(source, **kwargs)
     except (OSError, SafetensorError) as e:  # not found, gated, or a damaged weights file
         if isinstance(e, one_file.CheckpointFileError) or resolved.single_file:
             raise
-        raise _load_error(resolved, e) from e
+        raise _load_error(dataclasses.replace(base, source=source, revision=revision), e) from e
     # what the PNG parameters call it (A1111: the file's stem, or the catalogue name) and the file its hash is of
-    pipe._helpers_model_name = (Path(resolved.source).stem if resolved.single_file
+    pipe._helpers_model_name = (Path(resolved.source).stem if resolved.single_file or gguf_info
                                 else resolved.spec.name if resolved.spec is not None else name)
-    pipe._helpers_model_file = main_weights_file(resolved, kwargs.get("variant"))
-    if placement == "model_offload":
-        print(f"{name} does not fit this GPU whole: each part moves to it while it runs (model CPU offload).")
+    pipe._helpers_model_file = resolved.source if gguf_info else main_weights_file(resolved, kwargs.get("variant"))
+    pipe._helpers_route = memory.Route(plan.name, plan.quantization if applied else "none", applied, plan.vram_gib,
+                                       plan.ram_gib)
+    if spec and spec.max_sequence_length:
+        pipe._helpers_max_sequence_length = spec.max_sequence_length
+    if encoder is not None:
+        encoder.attach(pipe)
+    if plan.name == "staged":
+        print(f"{name}, staged: the text encoders load for each new prompt and are freed before the denoiser runs"
+              + (" (which moves to the GPU while it runs: model CPU offload)." if profile.device == "cuda" else "."))
+    if plan.name == "model_offload" or (plan.name == "staged" and profile.device == "cuda"):
+        if plan.name == "model_offload":
+            print(f"{name} does not fit this GPU whole: each part moves to it while it runs (model CPU offload).")
         pipe.enable_model_cpu_offload()
-    else:
+    elif "device_map" not in kwargs:
         pipe.to(profile.device)
     if profile.device == "cuda" and profile.vram_gb < 16:
         pipe.vae.enable_slicing()  # decode a batch one image at a time: the same images, a lower peak

@@ -30,6 +30,9 @@ class ModelSpec:
     fp16_variant: bool = False  # the repo carries *.fp16.safetensors (half the download)
     tiny: str = ""              # the tiny stand-in (helpers.tiny) used in SMOKE MODE
     note: str = ""
+    prequantized_4bit: str = ""  # a hub repo of the whole pipeline already in bitsandbytes nf4 (load_sd takes it
+    #                              for quantization="4bit": a smaller download, and no 16-bit copy in RAM)
+    max_sequence_length: int | None = None  # T5 prompt tokens the pipeline call is given (FLUX, SD3)
 
 
 def _m(*args, **kw):
@@ -61,11 +64,15 @@ MODELS: dict[str, ModelSpec] = dict([
        "CreativeML OpenRAIL++-M", fp16_variant=True, tiny="sdxl-inpaint", note="9-channel inpainting UNet"),
     # SD3 and FLUX: large; for the benchmark and for GPUs with more memory than a T4 (or with offload).
     _m("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", "txt2img", 7.7,
-       "Stability AI Community License", gated=True, tiny="sd3", note="2B MMDiT + T5-XXL text encoder"),
+       "Stability AI Community License", gated=True, tiny="sd3", note="2B MMDiT + T5-XXL text encoder",
+       max_sequence_length=256),
     _m("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", "txt2img", 16.9, "Apache-2.0",
-       tiny="flux", note="12B transformer, 1-4 steps; needs offload or quantisation on a T4"),
+       tiny="flux", note="12B transformer, 1-4 steps, guidance 0; needs offload or quantisation on a T4",
+       max_sequence_length=256),  # schnell was trained with 256 T5 tokens (diffusers' FLUX docs)
     _m("flux-dev", "black-forest-labs/FLUX.1-dev", "flux", "txt2img", 16.9,
-       "FLUX.1 [dev] Non-Commercial License", gated=True, tiny="flux", note="guidance-distilled, ~28-50 steps"),
+       "FLUX.1 [dev] Non-Commercial License", gated=True, tiny="flux-dev",
+       note="guidance-distilled (guidance_scale ~3.5 is its distilled guidance; no negative prompt), ~28-50 steps",
+       prequantized_4bit="diffusers/FLUX.1-dev-bnb-4bit", max_sequence_length=512),
 ])
 
 # Common names of the catalogue models, compared with case, spaces and punctuation removed (see canonical_name):
@@ -117,6 +124,10 @@ SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 # The tiny stand-in of each family, for hub ids outside the catalogue ("-inpaint" where the id says inpainting).
 TINY_BY_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "llava_next": "llava-next-mistral"}
 
+# The tiny stand-ins whose quantized Linear layers are all a multiple of 64 wide, which bitsandbytes' CPU 4-bit kernels
+# need (FACTS.md): SMOKE MODE takes them where a 4- or 8-bit load is asked for.
+TINY_QUANTIZABLE = {"flux": "flux-64", "flux-dev": "flux-dev-64", "sd3": "sd3-64"}
+
 # diffusers pipeline class (model_index.json) -> (family, task)
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": ("sd15", "txt2img"), "StableDiffusionImg2ImgPipeline": ("sd15", "txt2img"),
@@ -136,6 +147,7 @@ class Resolved:
     spec: ModelSpec | None = None
     tiny: bool = False          # a tiny random-weight stand-in (SMOKE MODE)
     single_file: bool = False   # `source` is a one-file .safetensors checkpoint (helpers.one_file)
+    gguf: bool = False          # `source` is a GGUF transformer file (helpers.gguf), loaded into its base pipeline
 
     @property
     def is_local(self) -> bool:
@@ -172,18 +184,24 @@ def _check_family_task(family, task):
         raise ValueError(f"Unknown task {task!r}; known: {', '.join(TASKS)}.")
 
 
-def _tiny(name_key: str, family: str, task: str | None, spec: ModelSpec | None = None) -> Resolved:
+def _tiny(name_key: str, family: str, task: str | None, spec: ModelSpec | None = None,
+          quantized: bool = False) -> Resolved:
     from . import runtime, tiny
 
+    if quantized:
+        name_key = TINY_QUANTIZABLE.get(name_key, name_key)
     runtime.silence_progress_bars()
     return Resolved(source=str(tiny.ensure(name_key)), family=family, task=task, spec=spec, tiny=True)
 
 
-def resolve(name: str, task: str | None = None, family: str | None = None) -> Resolved:
-    """Turn a catalogue name, a hub id or a local folder into what from_pretrained needs.
+def resolve(name: str, task: str | None = None, family: str | None = None, quantized: bool = False) -> Resolved:
+    """Turn a catalogue name, a hub id, a local folder, a one-file checkpoint or a GGUF transformer file into what
+    from_pretrained needs.
 
     `task` ("txt2img", "img2img", "inpaint", "vlm") is what the caller will do with it; `family` names the family of a
-    hub id outside the catalogue (else it is guessed from the id in SMOKE MODE, or read from the files).
+    hub id outside the catalogue (else it is guessed from the id in SMOKE MODE, or read from the files). `quantized`:
+    a 4- or 8-bit load follows, so SMOKE MODE picks the tiny stand-in bitsandbytes can quantize on a CPU
+    (TINY_QUANTIZABLE).
     """
     _check_family_task(family, task)
     if not isinstance(name, (str, Path)) or not str(name).strip():
@@ -196,9 +214,14 @@ def resolve(name: str, task: str | None = None, family: str | None = None) -> Re
     if name in MODELS:
         spec = MODELS[name]
         if smoke.is_tiny():
-            return _tiny(spec.tiny, spec.family, task or spec.task, spec)
+            return _tiny(spec.tiny, spec.family, task or spec.task, spec, quantized)
         return Resolved(source=spec.repo_id, family=spec.family, task=task or spec.task, revision=spec.revision,
                         spec=spec)
+    if path.suffix.lower() == ".gguf":  # a GGUF transformer: the user's own file, never swapped (helpers.gguf)
+        from . import gguf
+
+        info = gguf.inspect(path)
+        return Resolved(source=info.path, family=info.family, task=task or "txt2img", gguf=True)
     if path.is_file() or path.suffix.lower() == ".safetensors" or (path.suffix.lower() in one_file.PICKLE_SUFFIXES
                                                                     and not path.is_dir()):
         # the user's own file: read its header (never its weights), never swapped for a tiny stand-in
@@ -217,7 +240,7 @@ def resolve(name: str, task: str | None = None, family: str | None = None) -> Re
             key = TINY_BY_FAMILY[fam]
             if "inpaint" in name.lower() and fam in ("sd15", "sdxl"):
                 key += "-inpaint"
-            return _tiny(key, fam, task)
+            return _tiny(key, fam, task, quantized=quantized)
         return Resolved(source=name, family=fam, task=task)
     close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""

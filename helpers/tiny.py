@@ -141,11 +141,11 @@ def _t5_tokenizer(model_max_length: int):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _t5_encoder(tok, d_model: int):
+def _t5_encoder(tok, d_model: int, d_kv: int = 8, d_ff: int = 37):
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        vocab_size=len(tok), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id, decoder_start_token_id=0, tie_word_embeddings=False))
@@ -250,7 +250,14 @@ def _build_sdxl(folder: Path, tmp: Path, in_channels: int = 4) -> None:
 
 # --- SD3 and FLUX (MMDiT transformers, flow matching, 16-channel VAE, a T5 text encoder) --------------------------
 
-def _build_sd3(folder: Path, tmp: Path) -> None:
+def _t5_sizes(width: int) -> dict:
+    """T5 sizes at which every Linear's in_features is `width` or a multiple of it (4 heads of width / 4)."""
+    return {"d_kv": 8, "d_ff": 37} if width == 32 else {"d_kv": width // 4, "d_ff": 2 * width}
+
+
+def _build_sd3(folder: Path, tmp: Path, width: int = 32) -> None:
+    """width 64: every quantized Linear (transformer, T5) has in_features a multiple of 64, which bitsandbytes' CPU
+    4-bit kernels need (FACTS.md); the CLIP encoders, never quantized, stay at 32."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -258,34 +265,66 @@ def _build_sd3(folder: Path, tmp: Path) -> None:
     tok3 = _t5_tokenizer(256)
     t5_dim = 64  # the two CLIP hidden states (32 + 32) are concatenated and zero-padded to T5's width
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
-        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=t5_dim, pooled_projection_dim=64,
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=width // 4,
+        num_attention_heads=4, caption_projection_dim=width, joint_attention_dim=t5_dim, pooled_projection_dim=64,
         pos_embed_max_size=32)  # real: 96; 32 patches allow images up to 128 px here
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=_flow_vae(1.5305, 0.0609),  # the real SD3 VAE's scaling and shift
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         text_encoder=CLIPTextModelWithProjection(_clip_text_config(tok)), tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(tok2)), tokenizer_2=tok2,
-        text_encoder_3=_t5_encoder(tok3, t5_dim), tokenizer_3=tok3)
+        text_encoder_3=_t5_encoder(tok3, t5_dim, **_t5_sizes(width)), tokenizer_3=tok3)
     _save_with_real_tokenizer_layout(pipe, folder)
 
 
-def _build_flux(folder: Path, tmp: Path) -> None:
+def _build_flux(folder: Path, tmp: Path, width: int = 32, dev: bool = False) -> None:
+    """width 64: every Linear of the transformer and T5 has in_features a multiple of 64 (bitsandbytes' CPU 4-bit
+    kernels need it, FACTS.md); the CLIP pooled output feeds the transformer, so CLIP is 64 wide too. dev: the
+    guidance embedding and the scheduler of FLUX.1-dev (guidance-distilled); else FLUX.1-schnell's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     tok, tok2 = _clip_tokenizer(tmp), _t5_tokenizer(512)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16 * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
-        axes_dims_rope=(4, 4, 8))  # guidance_embeds=False: schnell; dev has guidance embeddings
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-schnell's scheduler config
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
+        num_attention_heads=width // 16, joint_attention_dim=width, pooled_projection_dim=width, guidance_embeds=dev,
+        axes_dims_rope=(4, 4, 8))
+    # the scheduler configs of FLUX.1-dev and FLUX.1-schnell
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0 if dev else 1.0, use_dynamic_shifting=dev, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer, vae=_flow_vae(0.3611, 0.1159), scheduler=scheduler,
-                        text_encoder=CLIPTextModel(_clip_text_config(tok)), tokenizer=tok,
-                        text_encoder_2=_t5_encoder(tok2, 32), tokenizer_2=tok2)
+                        text_encoder=CLIPTextModel(_clip_text_config(tok, hidden=width, projection=width)),
+                        tokenizer=tok, text_encoder_2=_t5_encoder(tok2, width, **_t5_sizes(width)), tokenizer_2=tok2)
     _save_with_real_tokenizer_layout(pipe, folder)
+
+
+def write_gguf(key: str, path, qtype: str = "Q8_0", seed: int = 0) -> Path:
+    """A GGUF file of the transformer of tiny FLUX model `key` (ensure(key, seed)), as the FLUX GGUFs of the hub are
+    laid out: 2-D weights in `qtype` ("Q8_0", or "F16"/"F32"), the rest F32. Tensor names are diffusers' own, not
+    BFL's originals: diffusers 0.42's BFL-to-diffusers converter hard-codes FLUX's real width (inner_dim = 3072), so
+    a tiny file with BFL names cannot be loaded; diffusers loads a file whose names match the model without
+    converting them."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    tensors = load_file(ensure(key, seed) / "transformer" / "diffusion_pytorch_model.safetensors")
+    kind = gguf.GGMLQuantizationType[qtype]
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for name, array in sorted(tensors.items()):
+        array = array.astype(np.float32)
+        if array.ndim == 2 and kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        elif array.ndim == 2 and kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
 
 
 # --- LLaVA 1.6 (LLaVA-NeXT) ----------------------------------------------------------------------------------------
@@ -348,7 +387,11 @@ BUILDERS = {
     "sdxl": _build_sdxl,
     "sdxl-inpaint": partial(_build_sdxl, in_channels=9),
     "sd3": _build_sd3,
+    "sd3-64": partial(_build_sd3, width=64),    # for 4-bit on the CPU (every quantized in_features % 64 == 0)
     "flux": _build_flux,
+    "flux-64": partial(_build_flux, width=64),  # likewise
+    "flux-dev": partial(_build_flux, dev=True),  # guidance-distilled, as FLUX.1-dev
+    "flux-dev-64": partial(_build_flux, width=64, dev=True),
     "llava-next-mistral": partial(_build_llava, chat_format="mistral"),
     "llava-next-vicuna": partial(_build_llava, chat_format="vicuna"),
     "llava-next-chatml": partial(_build_llava, chat_format="chatml"),

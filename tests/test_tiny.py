@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from helpers import tiny
 
-SD_KEYS = ["sd15", "sd15-inpaint", "sdxl", "sdxl-inpaint", "sd3", "flux"]
+SD_KEYS = ["sd15", "sd15-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-inpaint", "sd3", "sd3-64", "flux", "flux-64", "flux-dev",
+           "flux-dev-64"]
 LLAVA_KEYS = ["llava-next-mistral", "llava-next-vicuna", "llava-next-chatml"]
 
 
