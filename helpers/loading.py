@@ -180,7 +180,8 @@ def _route(resolved, base, gguf_info, quantization, route, dtype, profile) -> me
 
 
 def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runtime.Profile | None = None,
-            quantization: str = "auto", route=None, drop_t5: bool = False):
+            quantization: str = "auto", route=None, drop_t5: bool = False, fast: bool | None = None,
+            compile: bool = False, step_cache: bool = False):
     """A diffusers pipeline for `task` ("txt2img", "img2img" or "inpaint") from a catalogue name or alias, a hub id,
     a folder, a one-file `.safetensors` checkpoint or a FLUX `.gguf` transformer file (its other parts come from its
     base model, helpers.gguf), in the runtime's dtype, on its device. SDXL from the hub in fp16 gets the fp16-fix VAE
@@ -193,12 +194,18 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
     included. route: None (planned: memory.sd_route on CUDA), a memory.Route, or a route name: "gpu",
     "model_offload", "staged" (the text encoders load, encode and are freed before the denoiser runs: helpers.staged;
     FLUX and SD3), or the CPU device. drop_t5: SD3 without its T5 encoder (less memory, weaker prompt following).
+    fast: the fast path (helpers.fast: channels_last, fused QKV; the same image within fp rounding), default on CUDA
+    only; with it, compile=True adds torch.compile of the denoiser and step_cache=True (FLUX, SD3) a first-block
+    step cache, which changes the image.
     The pipeline records `_helpers_model_name` (the file's stem, or the catalogue name), `_helpers_model_file`
     (main_weights_file) for the PNG metadata, and `_helpers_route` (the Route it was loaded by)."""
     if task not in SD_PIPELINES:
         raise ValueError(f"`task` must be one of {', '.join(SD_PIPELINES)}, not {task!r}.")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"`quantization` must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
+    if fast is False and (compile or step_cache):
+        raise ValueError("`compile` and `step_cache` are part of the fast path, and fast=False: pass fast=True (or "
+                         "leave it out) with them.")
     if route is not None and not isinstance(route, memory.Route) and route not in memory.ROUTES + ("cpu", "mps"):
         raise ValueError(f"`route` must be one of {', '.join(memory.ROUTES)}, the CPU device or a memory.Route, not "
                          f"{route!r}.")
@@ -302,6 +309,10 @@ def load_sd(name: str = "sd15", task: str = "txt2img", dtype=None, profile: runt
         pipe.to(profile.device)
     if profile.device == "cuda" and profile.vram_gb < 16:
         pipe.vae.enable_slicing()  # decode a batch one image at a time: the same images, a lower peak
+    if fast if fast is not None else (profile.device == "cuda" or compile or step_cache):
+        from .fast import speed_up
+
+        speed_up(pipe, compile=compile, step_cache=step_cache)
     return pipe
 
 
