@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 import helpers
-from helpers.bench import command_line, machine, peak_rss_mib, results_page, versions
+from helpers.bench import command_line, machine, peak_rss_mib, results_page, route_of, versions
 from helpers import runtime, samplers, smoke
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of a cat sitting on a windowsill, soft morning light"
 SEED, CFG = 0, 7.0
 TINY_SENTENCE = "tiny random-weight models: these figures are the cost of the test path, not the models' speed"
-HEADER = "| model | sampler | steps | size | load s | generate s/img | generate it/s | bare s/img | bare it/s | " \
-         "overhead ms | overhead % | noise ms | peak RSS MiB | peak CUDA MiB |"
+HEADER = "| model | route | sampler | steps | size | load s | generate s/img | generate it/s | bare s/img | " \
+         "bare it/s | overhead ms | overhead % | noise ms | peak RSS MiB | peak CUDA MiB |"
 MIB = 2**20
 
 
@@ -85,6 +85,8 @@ def main(argv=None):
         pipe = helpers.load_sd(model)
         t_load = time.perf_counter() - t0
         pipe.set_progress_bar_config(disable=True)
+        route, quantization = route_of(pipe, profile.device)  # what load_sd planned: gpu, staged, ..., or the CPU
+        route_text = route if quantization == "none" else f"{route}, {quantization}"
         for sampler in args.samplers:
             for asked_size in args.sizes:
                 size = smoke.cap_size(asked_size, asked_size)[0]
@@ -94,8 +96,9 @@ def main(argv=None):
                 g, b = statistics.median(gen), statistics.median(bare)
                 noise = max(statistics.stdev(gen), statistics.stdev(bare)) if args.repeats > 1 else None
                 peak_cuda = torch.cuda.max_memory_allocated() / MIB if cuda else None
-                record = {"model": model, "sampler": sampler, "steps": steps, "asked_steps": args.steps,
-                          "size": size, "asked_size": asked_size, "repeats": args.repeats, "threads": threads,
+                record = {"model": model, "route": route, "quantization": quantization, "sampler": sampler,
+                          "steps": steps, "asked_steps": args.steps, "size": size, "asked_size": asked_size,
+                          "repeats": args.repeats, "threads": threads,
                           "load_s": round(t_load, 3), "generate_s": round(g, 4), "generate_it_s": round(steps / g, 2),
                           "bare_s": round(b, 4), "bare_it_s": round(steps / b, 2),
                           "overhead_ms": round((g - b) * 1000, 2), "overhead_pct": round((g - b) / b * 100, 2),
@@ -103,8 +106,8 @@ def main(argv=None):
                           "peak_rss_mib": round(peak_rss_mib()), "tiny": smoke.is_tiny(),
                           "peak_cuda_mib": None if peak_cuda is None else round(peak_cuda)}
                 records.append(record)
-                rows.append(f"| {model} | {sampler} | {steps} | {size}x{size} | {t_load:.2f} | {g:.4f} | "
-                            f"{steps / g:.1f} | {b:.4f} | {steps / b:.1f} | {record['overhead_ms']:+.1f} | "
+                rows.append(f"| {model} | {route_text} | {sampler} | {steps} | {size}x{size} | {t_load:.2f} | "
+                            f"{g:.4f} | {steps / g:.1f} | {b:.4f} | {steps / b:.1f} | {record['overhead_ms']:+.1f} | "
                             f"{record['overhead_pct']:+.1f} | {'-' if noise is None else f'{noise * 1000:.1f}'} | "
                             f"{record['peak_rss_mib']} | {'-' if peak_cuda is None else f'{peak_cuda:.0f}'} |")
                 print(rows[-1], flush=True)
@@ -128,7 +131,8 @@ def main(argv=None):
         "helpers.generate vs the bare diffusers call: speed, overhead, load time, peak memory",
         TINY_SENTENCE if smoke.is_tiny() else None, command, machine_line, library_versions,
         [
-            f"Work: \"{PROMPT}\", CFG {CFG}, seed {SEED}, one image a run. Each model loaded once (load s); each arm "
+            f"Work: \"{PROMPT}\", CFG {CFG}, seed {SEED}, one image a run. Each model loaded once (load s), by the "
+            f"route load_sd planned for it (route); each arm "
             f"warmed up once, then {args.repeats} timed runs alternating generate and bare; s/img are medians, "
             f"it/s = steps / s. Overhead = generate - bare (medians); noise = the larger standard deviation of the "
             f"two arms' runs.{capped} Peak RSS is the process's so far (ru_maxrss, never goes down); peak CUDA is "

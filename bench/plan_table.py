@@ -23,17 +23,23 @@ OUT = ROOT / "bench" / "results" / "plan_table.md"
 START, END = "<!-- plan-table:start -->", "<!-- plan-table:end -->"
 
 
+def cell(p: planner.Plan) -> str:
+    """One plan as a table cell: the verdict, a pipeline's route on a GPU, the plan, the VRAM and RAM peaks."""
+    if not p.fits:
+        return f"**{p.verdict}**"
+    route = f", route `{p.route}`" if p.pipeline and p.vram_total else ""
+    peaks = (f"VRAM {p.vram_peak / planner.GIB:.1f}, " if p.vram_total else "") + f"RAM {p.ram_peak / planner.GIB:.1f}"
+    return f"**{p.verdict}**{route}: {p.how()} ({peaks} GiB)"
+
+
 def table() -> str:
-    """The Markdown table: a row a model (parameters, 16-bit weights), a column a GPU profile (verdict; plan)."""
+    """The Markdown table: a row a model (parameters, 16-bit weights), a column a GPU profile (verdict, route; plan;
+    peaks)."""
     gpus = list(planner.GPUS.values())
     lines = ["| model | params | 16-bit weights | " + " | ".join(g.label for g in gpus) + " |",
              "|---|---|---|" + "---|" * len(gpus)]
     for name in registry.MODELS:
-        cells = []
-        for g in gpus:
-            p = planner.plan(name, g.key)
-            peak = p.vram_peak if p.vram_total else p.ram_peak
-            cells.append(f"**{p.verdict}**" + (f": {p.how()} ({peak / planner.GIB:.1f} GiB)" if p.fits else ""))
+        cells = [cell(planner.plan(name, g.key)) for g in gpus]
         lines.append(f"| {name} | {planner.total_params(name) / 1e9:.2f} B | "
                      f"{planner.weights_gib(name, 'bfloat16'):.1f} GiB | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -47,8 +53,12 @@ def document() -> str:
             f"download: exact parameter counts of the real architectures in `assets/configs`, built on the meta "
             f"device). Default resolution of each pipeline (512 px for SD 1.5, 1024 px for the others), batch 1; "
             f"LLaVA: one image at its largest grid ({planner.LLAVA_IMAGE_TOKENS} tokens) + "
-            f"{planner.LLAVA_TEXT_TOKENS} prompt + {planner.LLAVA_NEW_TOKENS} new tokens. In brackets: the VRAM peak "
-            f"(RAM peak on the CPU), activations and {planner.CUDA_OVERHEAD_GIB} GiB of CUDA overhead included.\n\n"
+            f"{planner.LLAVA_TEXT_TOKENS} prompt + {planner.LLAVA_NEW_TOKENS} new tokens. A pipeline's route: `gpu` "
+            f"(all on the GPU), `model_offload` (each model on the GPU while it runs, all weights in RAM) or `staged` "
+            f"(the text encoders encode and are freed before the denoiser loads, with model offload); the first that "
+            f"fits both VRAM and RAM, in that order, 16-bit before 4-bit. In brackets: the VRAM peak, activations and "
+            f"{planner.CUDA_OVERHEAD_GIB} GiB of CUDA overhead included, and the RAM peak (loading, or running with "
+            f"offload; the larger stage of a staged route).\n\n"
             f"{table()}\nProfiles:\n{profiles}\n\nEstimates, not measurements: weights are exact, activations follow "
             f"the constants at the top of `helpers/planner.py`. The T4 verdicts are checked against published "
             f"figures in `tests/test_planner.py`.\n")

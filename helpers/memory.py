@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from . import planner, runtime
 
-ROUTES = ("gpu", "model_offload", "staged")  # and the CPU device ("cpu", "mps") where there is no CUDA GPU
+ROUTES = planner.ROUTES  # "gpu", "model_offload", "staged"; and the CPU device ("cpu", "mps") where there is no CUDA
+QUANTIZATIONS = planner.QUANTIZATIONS  # "auto", "none", "4bit", "8bit"
 
 
 @dataclass(frozen=True)
@@ -61,29 +62,35 @@ def choose_quantization(model_name: str, profile: runtime.Profile) -> str:
     return "4bit" if planner.plan(model_name, profile).quantization else "none"
 
 
-def sd_placement(model_name: str, precision: str, profile: runtime.Profile) -> str:
-    """Where the weights of diffusion pipeline `model_name` go on `profile`: "gpu" (all on the GPU), "model_offload"
-    (each model moves to the GPU while it runs: slower, but needs VRAM for the largest part only) or the CPU device.
-    Raises ValueError, with the figures, where neither fits (the GPU, or the system RAM that loading and offload
-    need)."""
-    if profile.device != "cuda":
-        return profile.device
-    p = planner.plan(model_name, profile, dtype=precision)
-    if p.verdict == "fits":
-        return "gpu"
-    if p.verdict == "fits with offload":
-        return "model_offload"
-    weights = sum(planner.weights(model_name, precision).values()) / runtime.GB
-    ram = f"{profile.ram_gb:.1f} GiB of RAM" if profile.ram_gb else "the RAM"
-    fix = (f"with 4-bit nf4 of its {' and '.join(p.quantized)} it would fit (`python -m helpers plan {model_name}`); "
-           "load_sd does not quantize yet, so use a smaller model or a larger GPU" if p.verdict == "fits with 4-bit"
-           else "use a smaller model, or a GPU (or RAM) of at least "
-                f"{weights + planner.CUDA_OVERHEAD_GIB + planner.RAM_BASE_GIB:.0f} GiB")
-    raise ValueError(f"{model_name} in {precision} needs about {weights:.1f} GiB of weights: more than the "
-                     f"{_gpu(profile)}, and too much to offload to {ram}: {fix}.")
+def sd_placement(model_name: str, precision: str, profile: runtime.Profile, quantization: str = "auto") -> str:
+    """The name of sd_route's route: "gpu", "model_offload", "staged" or the CPU device. Raises as sd_route does."""
+    return sd_route(model_name, precision, profile, quantization).name
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / runtime.GB:.2f} GiB"
 
 
 def sd_route(model_name: str, precision: str, profile: runtime.Profile, quantization: str = "auto") -> Route:
-    """The Route for diffusion pipeline `model_name` on `profile` (see Route). Raises ValueError with the figures
-    where nothing fits. (First version: the placement of sd_placement, no quantization.)"""
-    return Route(name=sd_placement(model_name, precision, profile))
+    """The Route for diffusion pipeline `model_name` in `precision` (the compute dtype's name) on `profile`: the
+    planner's first route that fits both the GPU and the system RAM (planner.ROUTES says the order and why: all on
+    the GPU, then model offload, then staged; 16-bit before 4-bit within each), at the pipeline's native resolution.
+    `quantization`: "auto" (16-bit, else 4-bit nf4 of the UNet/transformer and T5), "none" (16-bit routes only),
+    "4bit" or "8bit" (that only). On a CPU the route is the device, 16-bit unless a quantization is asked for, and
+    is not refused (RAM makes it slow there, and the planner's figures are in the Route). Raises ValueError with the
+    figures (needed and available, VRAM and RAM, of the nearest route) where no route fits."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"`quantization` must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
+    p = planner.plan(model_name, profile, dtype=precision, quantization=quantization)
+    if p.fits or profile.device != "cuda":
+        return Route(name=p.route, quantization=p.quantization or "none", quantized=p.quantized,
+                     vram_gib=round(p.vram_peak / runtime.GB, 2), ram_gib=round(p.ram_peak / runtime.GB, 2))
+    kind = {"4bit": "4-bit nf4", "8bit": "8-bit"}.get(p.quantization)
+    how = p.route + (f" with {kind} {' and '.join(p.quantized)}" if kind else ", 16-bit")
+    has_ram = _gib(p.ram_total) if p.ram_total < float("inf") else "no limit"
+    fix = ("allow 4-bit: quantization='auto' or '4bit'" if quantization != "4bit" and planner.plan(
+               model_name, profile, dtype=precision, quantization="4bit").fits
+           else f"use a smaller model, or a GPU of at least {_gib(p.vram_peak)} and {_gib(p.ram_peak)} of RAM")
+    raise ValueError(f"{model_name} in {precision} fits no route on the {_gpu(profile)}: the nearest ({how}) "
+                     f"needs {_gib(p.vram_peak)} of VRAM (has {_gib(p.vram_total)}) and {_gib(p.ram_peak)} of RAM "
+                     f"(has {has_ram}): {fix}.")

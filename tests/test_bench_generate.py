@@ -23,7 +23,7 @@ def test_bench_writes_table_and_json(tmp_path, monkeypatch):
             for line in text.splitlines() if line.startswith("| sd15")]
     assert len(rows) == 1
     row = rows[0]
-    assert (row["sampler"], row["steps"], row["size"]) == ("Euler a", "4", "64x64")
+    assert (row["sampler"], row["steps"], row["size"], row["route"]) == ("Euler a", "4", "64x64", "cpu")
     for column in ("load s", "generate s/img", "generate it/s", "bare s/img", "bare it/s", "peak RSS MiB"):
         assert float(row[column]) > 0, column
     float(row["overhead ms"]), float(row["overhead %"])  # numbers, of either sign

@@ -48,6 +48,7 @@ def test_every_model_gets_the_same_prompts_and_seeds(result):
         assert row["it_per_s"] == pytest.approx(row["steps"] / row["s_per_image"], rel=1e-2)
         assert row["load_s"] > 0 and row["first_image_s"] > 0 and row["peak_ram_mib"] > 0
         assert row["peak_vram_mib"] is None  # no GPU here
+        assert (row["route"], row["quantization"]) == ("cpu", "none")  # the route load_sd took, here the CPU
         assert 0 <= row["clip_score"] <= 100 and row["fid"] is None  # no reference set given
     # the harness's image for prompt 0 is the one generate paints with that seed
     pipe = loading.load_sd("sd15")
@@ -74,6 +75,8 @@ def test_results_are_written_well_formed(result, tmp_path):
     assert header[:3] == ["model", "setting", "mode"] and len(table) == 3
     cells = dict(zip(header, (c.strip() for c in table[1].strip("|").split("|"))))
     assert cells["model"] == "sd15" and cells["size"] == "64x64" and cells["peak VRAM MiB"] == "-"
+    assert cells["route"] == "cpu"
+    assert report.cell_text({"route": "staged", "quantization": "4bit"}, "route") == "staged, 4bit"
     assert float(cells["s/image"]) > 0 and 0 <= float(cells["CLIP score"]) <= 100
     for key in ("speed_plot", "quality_plot"):
         with Image.open(files[key]) as im:
@@ -199,3 +202,21 @@ def test_bench_models_script_writes_its_report(tmp_path):
     assert text.startswith("# Model benchmark on this machine (CPU)") and "Torch threads: 1." in text
     assert "python bench/models.py --tiny sd15 --shape-true --prompts 1" in text and "| sd15 | default | tiny |" in text
     assert torch.get_num_threads() == threads and helpers.is_tiny()  # the script put both back
+
+
+def test_route_of_a_pipeline():
+    """What load_sd recorded (pipe._helpers_route) where it is there; else offload hooks, bitsandbytes layers, device."""
+    from types import SimpleNamespace
+
+    import bitsandbytes as bnb
+    import torch
+
+    from helpers import memory
+
+    recorded = SimpleNamespace(components={}, _helpers_route=memory.Route("staged", "4bit", ("transformer",)))
+    assert bench.route_of(recorded, "cuda") == ("staged", "4bit")
+    assert bench.route_of(SimpleNamespace(components={}, _all_hooks=[object()]), "cuda") == ("model_offload", "none")
+    quantized = SimpleNamespace(components={"transformer": torch.nn.Sequential(bnb.nn.Linear4bit(64, 64)),
+                                            "tokenizer": object()})
+    assert bench.route_of(quantized, "cuda") == ("gpu", "4bit")
+    assert bench.route_of(SimpleNamespace(components={}), "cpu") == ("cpu", "none")

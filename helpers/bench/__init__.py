@@ -42,6 +42,21 @@ def machine(note: str = "") -> str:
     return f"{platform.machine()}, {cores}, RAM {profile.ram_gb:.1f} GB, {runtime.describe(profile).split(' | ')[1]}"
 
 
+def route_of(pipe, device: str) -> tuple[str, str]:
+    """(route, quantization) that pipeline `pipe` was loaded by, as the results tables show them: what load_sd recorded
+    (`pipe._helpers_route`, a memory.Route); else, for a pipeline built another way, the device where it is not
+    "cuda", "model_offload" where diffusers' offload hooks are on and "gpu" otherwise, and the quantization its
+    bitsandbytes layers show ("4bit", "8bit" or "none")."""
+    route = getattr(pipe, "_helpers_route", None)
+    if route is not None:
+        return route.name, route.quantization
+    layers = {type(m).__name__ for c in pipe.components.values() if hasattr(c, "modules") for m in c.modules()}
+    quantization = "4bit" if "Linear4bit" in layers else "8bit" if "Linear8bitLt" in layers else "none"
+    if device != "cuda":
+        return device, quantization
+    return ("model_offload" if getattr(pipe, "_all_hooks", None) else "gpu"), quantization
+
+
 def command_line(script: str, argv=None) -> str:
     """The command that reproduces this run: the environment switches that matter, then `python script args`."""
     env = " ".join(f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "HELPERS_TINY") if os.environ.get(k))
@@ -53,7 +68,7 @@ from .harness import SHAPE_TRUE_NOTE, BenchResult, load_prompts, run_benchmark  
 from .report import image_grid, markdown_table, write_results  # noqa: E402
 
 __all__ = ["BenchResult", "SHAPE_TRUE_NOTE", "command_line", "image_grid", "load_prompts", "machine", "markdown_table",
-           "peak_rss_mib", "run_benchmark", "versions", "write_results"]
+           "peak_rss_mib", "route_of", "run_benchmark", "versions", "write_results"]
 
 
 def results_page(title: str, tiny_sentence: str | None, command: str, machine_line: str, library_versions: dict,

@@ -1,6 +1,7 @@
 """The model benchmark: every model gets the same prompts and the same seeds, and is measured the same way.
 
-For each model: the load (timed), then for each setting one first image (cold: time to first image = load + first
+For each model: the load (timed; the route load_sd planned for it, e.g. "staged" with "4bit", is in its rows), then
+for each setting one first image (cold: time to first image = load + first
 image), `warmup` - 1 more warm-up runs, then one timed image per prompt (prompt i with seed + i), with the device
 synchronised before each clock reading. Reported: median seconds per image and it/s (steps / median seconds; it
 includes text encoding and VAE decoding, as a user waits for them), peak VRAM (torch.cuda.max_memory_allocated, reset
@@ -36,10 +37,10 @@ FAMILY_DEFAULTS = {
 MODEL_DEFAULTS = {"flux-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0}}  # timestep-distilled
 SETTING_KEYS = ("label", "num_inference_steps", "size", "guidance_scale", "sampler")
 # The figures of a row (helpers.bench.report writes them in this order); None where one does not apply.
-ROW_KEYS = ("model", "setting", "family", "mode", "dtype", "device", "steps", "width", "height", "guidance_scale",
-            "sampler", "images", "warmup", "load_s", "first_image_s", "s_per_image", "s_per_image_min",
-            "s_per_image_max", "it_per_s", "peak_vram_mib", "peak_ram_mib", "clip_score", "fid", "kid", "kid_std",
-            "seeds", "error")
+ROW_KEYS = ("model", "setting", "family", "mode", "dtype", "device", "route", "quantization", "steps", "width",
+            "height", "guidance_scale", "sampler", "images", "warmup", "load_s", "first_image_s", "s_per_image",
+            "s_per_image_min", "s_per_image_max", "it_per_s", "peak_vram_mib", "peak_ram_mib", "clip_score", "fid",
+            "kid", "kid_std", "seeds", "error")
 
 
 @dataclass
@@ -251,7 +252,7 @@ def run_benchmark(models, prompts=None, seed: int = 0, settings=None, warmup: in
     from accelerate.utils.memory import clear_device_cache
 
     from .. import diffusion, loading
-    from . import command_line, machine, versions
+    from . import command_line, machine, route_of, versions
 
     models = [models] if isinstance(models, str) else list(models)
     if not models:
@@ -297,10 +298,12 @@ def run_benchmark(models, prompts=None, seed: int = 0, settings=None, warmup: in
                 _sync(cuda)
                 load_s = time.perf_counter() - t0
                 pipe.set_progress_bar_config(disable=True)
+                route, quantization = route_of(pipe, profile.device)  # what load_sd chose (memory.sd_route)
                 family = families[model] or diffusion.family_of(pipe)
                 for setting in settings:
                     row, made = _measure(pipe, model, family, setting, prompts, seeds, warmup, cuda)
-                    row.update(mode=mode, device=profile.device, load_s=round(load_s, 4),
+                    row.update(mode=mode, device=profile.device, route=route, quantization=quantization,
+                               load_s=round(load_s, 4),
                                peak_ram_mib=round(ram.take()),
                                peak_vram_mib=round(torch.cuda.max_memory_allocated() / MIB) if cuda else None)
                     rows.append(row)

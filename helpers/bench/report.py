@@ -11,7 +11,8 @@ from .. import storage
 from .harness import ROW_KEYS
 
 ROW_FIELDS = ROW_KEYS  # the CSV columns
-TABLE = (("model", "model"), ("setting", "setting"), ("mode", "mode"), ("dtype", "dtype"), ("steps", "steps"),
+TABLE = (("model", "model"), ("setting", "setting"), ("mode", "mode"), ("dtype", "dtype"), ("route", "route"),
+         ("steps", "steps"),
          ("size", None), ("load s", "load_s"), ("first image s", "first_image_s"), ("s/image", "s_per_image"),
          ("it/s", "it_per_s"), ("peak VRAM MiB", "peak_vram_mib"), ("peak RAM MiB", "peak_ram_mib"),
          ("CLIP score", "clip_score"), ("FID", "fid"), ("KID", "kid"))
@@ -21,6 +22,8 @@ def cell_text(row: dict, key: str | None) -> str:
     """A row's figure as the table shows it: "-" where there is none."""
     if key is None:
         return "-" if row["width"] is None else f"{row['width']}x{row['height']}"
+    if key == "route" and row.get("route") and row.get("quantization") not in (None, "none"):
+        return f"{row['route']}, {row['quantization']}"  # e.g. "staged, 4bit"
     value = row.get(key)
     if value is None:
         return "-"
@@ -105,9 +108,11 @@ def results_markdown(result) -> str:
               f"Machine: {meta['machine']}; " + ", ".join(f"{d} {v}" for d, v in meta["versions"].items()) + ".",
               f"Date: {meta['date']}. Every model: the same {len(result.prompts)} prompts, prompt i with seed "
               f"{meta['seed']} + i; {meta['warmup']} warm-up run(s) after the load, then one timed image a prompt "
-              "(device synchronised). s/image: the median; it/s = steps / s/image (text encoding and VAE decoding "
-              "included); first image s: the first, cold, image after the load (time to first image = load s + "
-              "first image s); peak VRAM: max_memory_allocated, reset for every row; peak RAM: the process's "
+              "(device synchronised). route: how load_sd loaded the model (gpu: all on the GPU; model_offload; "
+              "staged: the text encoders encode, then are freed before the denoiser loads; the CPU device), with "
+              "its quantization where there is one. s/image: the median; it/s = steps / s/image (text encoding and "
+              "VAE decoding included); first image s: the first, cold, image after the load (time to first image = "
+              "load s + first image s); peak VRAM: max_memory_allocated, reset for every row; peak RAM: the process's "
               "resident memory, sampled." + (f" CLIP score: {meta['quality']}, 100 x cosine, mean over the prompts."
                                              if meta.get("quality") else "")
               + (f" CUDA memory capped at {meta['vram_cap_gib']} GiB." if meta.get("vram_cap_gib") else ""),
