@@ -260,6 +260,14 @@ def check_ram(env: Environment) -> list[Finding]:
     if spec is None:
         return []
     precision = env.profile.dtype_name
+    if spec.family != "llava_next" and env.profile.device == "cuda":
+        # a pipeline on a GPU loads by the planner's route (4-bit, staged...), whose RAM peak it checked
+        try:
+            memory.sd_route(spec.name, precision, env.profile)
+            return []
+        except ValueError as e:
+            return [Finding("low-ram", f"{spec.name} fits no loading route on this machine", str(e),
+                            "use a smaller model (sd15, sdxl), a high-RAM runtime or a larger GPU")]
     if spec.family == "llava_next" and memory.choose_quantization(spec.name, env.profile) == "4bit":
         precision = "4bit"
     need = memory.weights_gib(spec.name, precision)

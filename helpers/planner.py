@@ -155,12 +155,13 @@ def _file_model(path: Path) -> Model:
     from . import one_file
 
     info = one_file.check_checkpoint(one_file.inspect(path))
-    folder = one_file.config_folder(info) if info.family != "sd2" else CONFIGS / "sd15"  # SD 2.x: SD 1.5's layout
+    folder = one_file.config_folder(info)
     counts = {comp: {k: c[k] for k in ("params", "quantizable", "fp32_in_fp16")}
               for comp, c in info.components.items()}
     return Model(label=path.name, folder=folder, family=info.family, pipeline=True, counts=counts,
                  file_bytes=float(sum(c["bytes"] for c in info.components.values())), file_dtype=info.dtype,
-                 native=768 if info.family == "sd2" else None)  # SD 2.x: 768 px (2.1), 512 px for the -base
+                 # SD 2.x: 768 px (2.0-v, 2.1), 512 px for the -base models (epsilon) and the inpainting one
+                 native=(512 if info.prediction == "epsilon" or info.inpaint else 768) if info.family == "sd2" else None)
 
 
 def _link_model(url: str) -> Model:
