@@ -36,3 +36,15 @@ def test_bench_writes_table_and_json(tmp_path, monkeypatch):
     assert abs(record["generate_it_s"] - 4 / record["generate_s"]) < 0.01 * record["generate_it_s"]
     assert record["noise_ms"] is None  # one repeat: no noise estimate
     assert "python bench/generate.py --models sd15" in text
+
+
+def test_the_fast_bench_interleaves_plain_and_fast_and_writes_the_speed_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("HELPERS_TINY", "1")
+    bench, out = conftest.load_bench("fast"), tmp_path / "fast.md"
+    [record] = bench.main(["--models", "sd15", "--repeats", "2", "--out", str(out)])
+    text = out.read_text()
+    assert bench.TINY_SENTENCE in text and bench.HEADER in text and "python bench/fast.py --models sd15" in text
+    assert record["plain_s"] > 0 and record["fast_s"] > 0
+    assert abs(record["speed_up"] - record["plain_s"] / record["fast_s"]) < 0.01 * record["speed_up"]
+    assert "fused QKV" in record["fast_path"] and record["image_diff"] < 2   # the same image within fp rounding
+    assert record["route"] == "cpu" and record["steps"] == 4 and record["size"] == 64
