@@ -136,8 +136,10 @@ def demo(args) -> int:
     width, height = smoke.cap_size(512, 512)
     image = pipe(prompt=args.prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=7.0,
                  width=width, height=height, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
-    parameters = images.parameters_text(args.prompt, args.negative, Steps=steps,
-                                        Sampler=type(pipe.scheduler).__name__, CFG_scale=7.0, Seed=args.seed,
+    from . import samplers
+
+    parameters = images.parameters_text(args.prompt, args.negative, Steps=steps, Sampler=samplers.sampler_name(pipe),
+                                        Schedule_type=samplers.schedule_type(pipe), CFG_scale=7.0, Seed=args.seed,
                                         Size=f"{width}x{height}", Model=DEMO_SD + (" (tiny)" if smoke.is_tiny() else ""))
     image_path = images.save_image(image, out, parameters, label=str(args.seed))
     print(f"image:   {image_path}  ({time.perf_counter() - t0:.1f} s)")
@@ -215,14 +217,15 @@ def _generate(args, **task) -> int:
 
     settings = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
                     width=args.width, height=args.height, num_images_per_prompt=args.batch_size,
-                    batch_count=args.batch_count, seed=args.seed, sampler=args.sampler, clip_skip=args.clip_skip)
+                    batch_count=args.batch_count, seed=args.seed, sampler=args.sampler,
+                    schedule_type=args.schedule_type, clip_skip=args.clip_skip)
     # bad input is refused before a model of several GB is loaded
     prompts.check_prompt(args.prompt)
     diffusion.check_arguments(args.prompt, args.steps, args.cfg, args.width, args.height, args.batch_size,
                               args.batch_count, args.seed, task.get("strength", 0.75), task.get("image"),
                               task.get("mask_image"))
-    if args.sampler:
-        samplers.canonical(args.sampler)
+    if args.sampler or args.schedule_type:
+        samplers.parse(args.sampler, args.schedule_type)
     if "image" in task:
         task["image"] = images.open_image(task["image"])
     if "mask_image" in task:  # read, and resized to the image (with a notice), before loading
@@ -239,7 +242,7 @@ def _generate(args, **task) -> int:
 
 
 def generate(args) -> int:
-    return _generate(args, hires_scale=args.hires_scale)
+    return _generate(args, hires_scale=args.hires_scale, hires_upscaler=args.hires_upscaler)
 
 
 def inpaint(args) -> int:
@@ -310,7 +313,9 @@ def dreambooth(args) -> int:
 
 def _sd_arguments(p, model: str) -> None:
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'DPM++ 2M Karras' (default: the model's own)")
+    p.add_argument("--sampler", default=None, help="A1111 name, e.g. 'DPM++ 2M' (default: DPM++ 2M; SD3/FLUX: Euler)")
+    p.add_argument("--schedule-type", default=None,
+                   help="A1111 schedule type: Automatic (default), Karras, Exponential, Uniform, SGM Uniform, ...")
     p.add_argument("--steps", type=steps_int, default=25)
     p.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
     p.add_argument("--seed", type=int, default=-1, help="-1: random (the seed used is saved in the PNG)")
@@ -440,6 +445,7 @@ def main(argv=None) -> int:
     p.add_argument("prompt")
     p.add_argument("--hires-scale", type=_number(float, 1, 4, "a number from 1 (off) to 4"), default=1.0,
                    help="hires fix: upscale by this, then img2img")
+    p.add_argument("--hires-upscaler", default="Latent", help="hires fix upscaler: Latent (A1111's default) or Lanczos")
     _sd_arguments(p, "sd15")
     p = command("inpaint", help="repaint the white area of MASK in IMAGE")
     p.add_argument("image")

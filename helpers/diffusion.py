@@ -1,8 +1,9 @@
 """Image generation with the controls A1111 users expect: txt2img, img2img and inpainting through one `generate`.
 
 `generate` checks its arguments first (errors name the argument, its value and the fix), gives image i the seed
-`seed + i` (-1: a random seed, reported), picks the sampler by its A1111 name, reads A1111 prompt weighting and
-prompts longer than 77 tokens (through compel), runs the diffusers pipeline, derives the img2img or inpainting
+`seed + i` (-1: a random seed, reported), picks the sampler and schedule type by their A1111 names (default: A1111's
+DPM++ 2M + Automatic), reads A1111's prompt syntax (weighting, BREAK and prompts longer than 77 tokens through compel;
+`<lora:NAME:W>` tags; prompt editing and alternation, switched per step), runs the diffusers pipeline, derives the img2img or inpainting
 pipeline from the loaded one with `from_pipe` (no second copy of the weights), catches NaN/black fp16 output, and
 returns the images with the A1111 "parameters" text of each, ready for `save`.
 """
@@ -13,7 +14,13 @@ from pathlib import Path
 from . import images as imaging
 from . import oom, smoke, storage
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1               # random seeds are drawn up to this, as A1111 does
+MAX_TORCH_SEED = 2**64 - 1         # the largest seed a torch generator takes (image i of a batch: seed + i, unwrapped)
+# A1111's hires fix upscalers this kit has: the latent ones (torch interpolate mode, antialias) and the PIL ones
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+IMAGE_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 TASK_PIPELINES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
                   "inpaint": "AutoPipelineForInpainting"}
 
@@ -52,7 +59,7 @@ def task_pipeline(pipe, task: str):
     derived = getattr(diffusers, TASK_PIPELINES[task]).from_pipe(pipe)
     derived.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     for attr in ("_helpers_loras", "_helpers_lora_files", "_helpers_base_scheduler_config", "_helpers_model_name",
-                 "_helpers_model_file"):
+                 "_helpers_model_file", "_helpers_encoder", "_helpers_route", "_helpers_max_sequence_length"):
         if hasattr(pipe, attr):
             setattr(derived, attr, getattr(pipe, attr))
     return derived
@@ -105,8 +112,9 @@ def check_arguments(prompt, num_inference_steps, guidance_scale, width, height, 
     for name, value, top in (("num_images_per_prompt", num_images_per_prompt, 16), ("batch_count", batch_count, 100)):
         if not isinstance(value, int) or not 1 <= value <= top:
             raise ValueError(f"`{name}` must be an integer from 1 to {top}, not {value!r}.")
-    if not isinstance(seed, int) or not -1 <= seed <= MAX_SEED:
-        raise ValueError(f"`seed` must be an integer from 0 to {MAX_SEED}, or -1 for a random one, not {seed!r}.")
+    if not isinstance(seed, int) or not -1 <= seed <= MAX_TORCH_SEED - num_images_per_prompt * batch_count + 1:
+        raise ValueError(f"`seed` must be an integer from 0 to {MAX_TORCH_SEED - num_images_per_prompt * batch_count + 1}"
+                         f" (torch's largest seed, less the images), or -1 for a random one, not {seed!r}.")
     if image is not None and not 0 < strength <= 1:
         raise ValueError(f"`strength` must be in (0, 1], not {strength!r}: how much of the image is repainted "
                          "(0.3 keeps most of it, 1.0 repaints everything).")
@@ -160,19 +168,23 @@ def _check_finite(array, nsfw, pipe, first_index: int) -> None:
 
 def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: int = 25, guidance_scale: float = 7.0,
              width: int | None = None, height: int | None = None, num_images_per_prompt: int = 1,
-             batch_count: int = 1, seed: int = -1, sampler: str | None = None, clip_skip: int = 1,
+             batch_count: int = 1, seed: int = -1, sampler: str | None = None, schedule_type: str | None = None,
+             clip_skip: int = 1,
              image=None, strength: float = 0.75, mask_image=None, mask_blur: float = 4, invert_mask: bool = False,
              inpaint_area: str = "whole", padding: int = 32, keep_unmasked: bool = True, model_name: str | None = None,
              hires_scale: float = 1.0, hires_strength: float = 0.5, hires_steps: int | None = None,
-             progress: bool = True) -> GenerationResult:
+             hires_upscaler: str = "Latent", progress: bool = True) -> GenerationResult:
     """Generate `batch_count` x `num_images_per_prompt` images (seeds seed, seed+1, ...).
 
     txt2img without `image`; img2img with `image` (and `strength`); inpainting with `image` and `mask_image` (white
     repaints; `mask_blur` px of feathering; `inpaint_area` "whole" or "only_masked" (A1111's "only masked": the
     masked area plus `padding` px is cut out, painted at width x height, and put back); `keep_unmasked` pastes every
-    unmasked pixel back exactly as it was). `clip_skip` counts as in A1111 (1: the last CLIP layer, 2: the one
-    before). `hires_scale` > 1 adds A1111's hires fix: upscale, then img2img at `hires_strength`. In SMOKE MODE
-    steps, size and counts are capped.
+    unmasked pixel back exactly as it was). `sampler` and `schedule_type` are A1111's ("DPM++ 2M", "Karras"; old
+    combined names such as "DPM++ 2M Karras" too; default DPM++ 2M + Automatic, for SD3/FLUX their Euler). The prompt
+    takes A1111's syntax: weights, BREAK, `<lora:NAME:W>` tags (loaded from models/loras, unloaded when a later
+    prompt drops them), `[from:to:when]` and `[a|b]`. `clip_skip` counts as in A1111 (1: the last CLIP layer, 2: the
+    one before). `hires_scale` > 1 adds A1111's hires fix: upscale ("Latent": the latents, A1111's default;
+    "Lanczos": the image), then img2img at `hires_strength`. In SMOKE MODE steps, size and counts are capped.
     """
     import numpy as np
     import torch
@@ -195,10 +207,24 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
     if task != "inpaint" and unet is not None and unet.config.in_channels == 9:
         raise ValueError(f"{type(pipe).__name__} holds an inpainting model (a 9-channel UNet): it needs `image` and "
                          "`mask_image`. For txt2img or img2img load the base model, e.g. load_sd('sd15').")
+    upscaler = _hires_upscaler(hires_upscaler)
+    from . import lora, prompts
+
+    prompts.check_syntax(prompt)
+    prompts.check_syntax(negative_prompt, "negative_prompt")
+    text, tags = prompts.extract_loras(prompt)      # the tags never reach the text encoder
+    if tags and not text.strip():
+        raise ValueError(f"`prompt` {prompt!r} holds only LoRA tags: describe the image too.")
     work = task_pipeline(pipe, task)
     work.set_progress_bar_config(disable=not progress)
-    if sampler is not None:
-        samplers.set_sampler(work, sampler)
+    if sampler is None and samplers.is_flow(work):
+        sampler = samplers.FLOW_SAMPLERS[0]
+    samplers.set_sampler(work, sampler, schedule_type)
+    lora.apply_tags(pipe, tags)
+    if work is not pipe:   # from_pipe shares the weights; the bookkeeping follows
+        for attr in ("_helpers_loras", "_helpers_lora_files", "_helpers_tag_loras"):
+            if hasattr(pipe, attr):
+                setattr(work, attr, getattr(pipe, attr))
 
     steps = smoke.cap("steps", num_inference_steps)
     if image is not None and int(steps * strength) < 1:
@@ -215,10 +241,11 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
     default = (getattr(work, "default_sample_size", None) or work.unet.config.sample_size) * work.vae_scale_factor
     width, height = smoke.cap_size(width or default, height or default)
     seed = secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
-    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(total)]
+    seeds = [seed + i for i in range(total)]   # A1111: seed + i, not wrapped (torch takes up to 2**64 - 1)
 
+    denoising_steps = int(steps * strength) if image is not None else steps
     call = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "width": width, "height": height,
-            **_prompt_kwargs(work, family, prompt, negative_prompt, clip_skip)}
+            **_scheduled_prompt_kwargs(work, family, text, negative_prompt, clip_skip, denoising_steps)}
     if task == "img2img":
         call.update(image=image.resize((width, height)), strength=strength)
         del call["width"], call["height"]
@@ -226,14 +253,23 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
         inpaint = _prepare_inpaint(image, mask_image, (width, height), mask_blur, invert_mask, inpaint_area, padding)
         call.update(image=inpaint["image"], mask_image=inpaint["mask"], strength=strength)
 
+    latent = hires_scale > 1 and upscaler in LATENT_UPSCALERS and family in ("sd15", "sdxl")
+    if hires_scale > 1 and upscaler in LATENT_UPSCALERS and not latent:
+        print(f"The {upscaler!r} hires upscaler is for SD 1.x and SDXL latents: {type(pipe).__name__} upscales the "
+              "image with 'Lanczos'.")
+        upscaler = "Lanczos"
     images, start, ladder = [], 0, oom.Ladder(work, call, per_batch, (width, height))
     while start < total:
         batch_seeds = seeds[start:start + ladder.per_batch]
         try:
-            out = work(**call, num_images_per_prompt=len(batch_seeds), output_type="np",
+            out = work(**call, num_images_per_prompt=len(batch_seeds), output_type="latent" if latent else "np",
                        generator=[torch.Generator("cpu").manual_seed(s) for s in batch_seeds])
         except Exception as e:  # out of memory: the next rung of the ladder (helpers/oom.py); else raised as it was
             ladder.step_down(e)
+            continue
+        if latent:   # the latent hires fix repaints these; the image comes from its pass
+            images += list(out.images.split(1))
+            start += len(batch_seeds)
             continue
         _check_finite(out.images, getattr(out, "nsfw_content_detected", None), work, start)
         images += work.numpy_to_pil(np.clip(out.images, 0, 1))
@@ -244,40 +280,64 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
 
         images = [masks.paste_back(inpaint["original"], im, inpaint["soft_mask"], inpaint["box"]) for im in images]
 
-    settings = {"task": task, "Steps": steps, "Sampler": samplers.sampler_name(work), "CFG scale": guidance_scale,
+    from . import __version__
+
+    settings = {"task": task, "Steps": steps, "Sampler": samplers.sampler_name(work),
+                "Schedule type": samplers.schedule_type(work), "CFG scale": guidance_scale,
                 "Size": f"{width}x{height}", **_model_hash(pipe),
                 "Model": model_name or getattr(pipe, "_helpers_model_name", "") or
                 getattr(pipe.config, "_name_or_path", "")}
     if task != "txt2img":
         settings["Denoising strength"] = strength
+    if clip_skip > 1:
+        settings["Clip skip"] = clip_skip
     if task == "inpaint":
         settings.update({"Mask blur": mask_blur, "Inpaint area": "Only masked" if inpaint_area == "only_masked"
                          else "Whole picture", "Masked area padding": padding})
         settings["Size"] = f"{images[0].width}x{images[0].height}"
-    if clip_skip > 1:
-        settings["Clip skip"] = clip_skip
-    loras = getattr(pipe, "_helpers_loras", {})
-    if loras:
-        settings["Lora"] = " ".join(f"{name}:{scale:g}" for name, scale in loras.items())
-        hashes = _lora_hashes(pipe, loras)
-        if hashes:
-            settings["Lora hashes"] = hashes   # A1111 1.9's form, quoted (it holds colons): "name: sha256[:12], ..."
     if hires_scale > 1:
-        images = _hires_fix(work, call, images, seeds, hires_scale, hires_strength, hires_steps or steps, progress)
+        images = _hires_fix(work, call, images, seeds, hires_scale, hires_strength, hires_steps or steps, progress,
+                            upscaler, (width, height), (family, text, negative_prompt, clip_skip))
         # as A1111 writes it: Size is the first pass; the upscale and its strength say the rest
         settings.update({"Denoising strength": hires_strength, "Hires upscale": hires_scale})
         if hires_steps:
             settings["Hires steps"] = hires_steps
+        settings["Hires upscaler"] = upscaler
+    loras = getattr(pipe, "_helpers_loras", {})
+    tagged = set(getattr(pipe, "_helpers_tag_loras", {}).values())
+    if set(loras) - tagged:   # not A1111's: the LoRAs load_lora loaded (a tag's name is in the prompt already)
+        settings["Lora"] = " ".join(f"{name}:{scale:g}" for name, scale in loras.items() if name not in tagged)
+    if loras:
+        hashes = _lora_hashes(pipe, loras)
+        if hashes:
+            settings["Lora hashes"] = hashes   # A1111 1.9's form, quoted (it holds colons): "name: sha256[:12], ..."
+    settings["Version"] = f"llava-sd-notebooks {__version__}"
     texts = [imaging.parameters_text(prompt, negative_prompt, **{k: v for k, v in settings.items() if k != "task"},
                                      Seed=s) for s in seeds]
     return GenerationResult(images=images, seeds=seeds, parameters=texts, settings=settings)
 
 
+def _no_negative_prompt(pipe, negative_prompt: str) -> None:
+    """Say that FLUX.1 ignores `negative_prompt` (it is guidance-distilled: there is no unconditional pass)."""
+    import warnings
+
+    dev = bool(getattr(getattr(pipe, "transformer", None), "config", {}).get("guidance_embeds", False))
+    guidance = ("its `guidance_scale` is the distilled guidance (about 3.5)" if dev else
+                "schnell takes no guidance either: its guidance_scale is ignored")
+    warnings.warn(f"FLUX.1 has no negative prompt: `negative_prompt` {negative_prompt!r} is ignored ({guidance}); "
+                  "say what you want in the prompt instead.", UserWarning, stacklevel=4)
+
+
 def _prompt_kwargs(pipe, family: str, prompt: str, negative_prompt: str, clip_skip: int) -> dict:
     """The prompt arguments of the pipeline call: embeddings from compel for weighted or long prompts (SD 1.x,
-    SDXL), else the plain prompts, with clip skip."""
+    SDXL), else the plain prompts, with clip skip, and the T5 length the catalogue gives FLUX and SD3
+    (`_helpers_max_sequence_length`, set by load_sd). A pipeline on the staged route (helpers.staged) encodes
+    through its StagedEncoder, which a pipeline made from it with from_pipe gets here."""
     from . import prompts
 
+    encoder = getattr(pipe, "_helpers_encoder", None)
+    if encoder is not None:
+        encoder.attach(pipe)   # the same call then works: the pipeline asks the encoder for the embeddings
     if family in ("sd15", "sdxl") and any(prompts.has_weighting(p) or _too_long(pipe, p)
                                           for p in (prompt, negative_prompt)):
         return prompts.encode(pipe, prompt, negative_prompt, clip_skip=clip_skip)
@@ -286,10 +346,15 @@ def _prompt_kwargs(pipe, family: str, prompt: str, negative_prompt: str, clip_sk
     if clip_skip > 1 and family == "sd15":
         return _clip_skip_embeddings(pipe, prompt, negative_prompt, clip_skip)
     kwargs = {"prompt": prompt}
-    if negative_prompt and family != "flux":  # FLUX is guidance-distilled: it has no negative prompt
+    if negative_prompt and family == "flux":  # FLUX is guidance-distilled: it has no negative prompt
+        _no_negative_prompt(pipe, negative_prompt)
+    elif negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
     if clip_skip > 1:
         kwargs["clip_skip"] = clip_skip - 1  # diffusers counts the layers skipped: A1111's 2 is diffusers' 1
+    length = getattr(pipe, "_helpers_max_sequence_length", None)
+    if length and family in ("flux", "sd3"):
+        kwargs["max_sequence_length"] = length
     return kwargs
 
 
@@ -318,38 +383,157 @@ def _prepare_inpaint(image, mask_image, size, mask_blur, invert_mask, inpaint_ar
     return {"image": original, "mask": soft, "original": original, "soft_mask": soft, "box": None}
 
 
-def _hires_fix(work, call, images, seeds, scale, strength, steps, progress):
-    """A1111's hires fix: each image upscaled (Lanczos) by `scale`, then repainted by img2img at `strength`."""
+def _hires_upscaler(name: str) -> str:
+    """The hires upscaler's A1111 name (case forgiven); ValueError naming the ones this kit has."""
+    known = {**LATENT_UPSCALERS, **IMAGE_UPSCALERS}
+    found = next((k for k in known if isinstance(name, str) and k.lower() == name.strip().lower()), None)
+    if found is None:
+        raise ValueError(f"`hires_upscaler` must be one of {', '.join(known)}, not {name!r} (A1111's ESRGAN-type "
+                         "upscalers are not part of this kit: 'Lanczos' is the nearest).")
+    return found
+
+
+def _scheduled_prompt_kwargs(pipe, family, prompt, negative_prompt, clip_skip, steps) -> dict:
+    """The prompt arguments of the pipeline call for `steps` denoising steps: _prompt_kwargs where the prompts have
+    no prompt editing or alternation; else embeddings of each step's text (prompts.encode), the first passed, the
+    others swapped in by a callback_on_step_end where the text changes (SD 1.x and SDXL list `prompt_embeds` among
+    their callback tensors)."""
     import torch
+
+    from . import prompts
+
+    positive, negative = prompts.schedule(prompt, steps), prompts.schedule(negative_prompt, steps)
+    if len(positive) == 1 and len(negative) == 1:
+        return _prompt_kwargs(pipe, family, positive[0][1], negative[0][1], clip_skip)
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"Prompt editing [from:to:when] and alternation [a|b] are for SD 1.x and SDXL here, not "
+                         f"{type(pipe).__name__}: write one prompt.")
+    ends = sorted({end for end, _ in positive} | {end for end, _ in negative})
+
+    def text_at(entries, step):
+        return next(text for end, text in entries if end >= step)
+
+    pairs = [(text_at(positive, end), text_at(negative, end)) for end in ends]
+    embeds = prompts.encode(pipe, [p for p, _ in pairs], [n for _, n in pairs], clip_skip=clip_skip)
+    # the callback tensor (SDXL's add_text_embeds is its pooled embedding) -> the positive and negative embeddings
+    swapped = {"prompt_embeds": ("prompt_embeds", "negative_prompt_embeds")}
+    if family == "sdxl":
+        swapped["add_text_embeds"] = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    keys = [key for pair in swapped.values() for key in pair]
+
+    def entry(step):   # A1111 counts steps from 1
+        return next((k for k, end in enumerate(ends) if end >= step), len(ends) - 1)
+
+    def swap(pipeline, i, t, tensors):
+        if entry(i + 2) == entry(i + 1):
+            return {}
+        k, out = entry(i + 2), {}
+        for name, (positive_key, negative_key) in swapped.items():
+            current = tensors[name]
+            pos, neg = embeds[positive_key][k:k + 1], embeds[negative_key][k:k + 1]
+            guided = pipeline.do_classifier_free_guidance
+            per = current.shape[0] // 2 if guided else current.shape[0]
+            rows = [neg] * per + [pos] * per if guided else [pos] * per
+            out[name] = torch.cat(rows).to(current.device, current.dtype)
+        return out
+
+    return {**{key: embeds[key][:1] for key in keys}, "callback_on_step_end": swap,
+            "callback_on_step_end_tensor_inputs": list(swapped)}
+
+
+def _hires_fix(work, call, images, seeds, scale, strength, steps, progress, upscaler="Lanczos", size=None,
+               prompt=None):
+    """A1111's hires fix: each image (or, for a latent upscaler, its latents) upscaled by `scale`, then repainted by
+    img2img at `strength`; prompt editing is scheduled again over the hires steps. `size`: the first pass's size."""
+    import torch
+    import torch.nn.functional as F
     from PIL import Image
 
-    upscaler = task_pipeline(work, "img2img")
-    upscaler.set_progress_bar_config(disable=not progress)
-    width, height = (int(round(v * scale / 8)) * 8 for v in (images[0].width, images[0].height))
+    upscaled = task_pipeline(work, "img2img")
+    upscaled.set_progress_bar_config(disable=not progress)
+    first = size or (images[0].width, images[0].height)
+    width, height = (int(round(v * scale / 8)) * 8 for v in first)
     kwargs = {k: v for k, v in call.items() if k not in ("width", "height", "image", "strength", "mask_image",
                                                             "num_inference_steps")}
-    out, ladder = [], oom.Ladder(upscaler, {"width": width, "height": height}, 1, (width, height))
+    if prompt is not None and "callback_on_step_end" in kwargs:
+        family, text, negative, clip_skip = prompt
+        for key in ("callback_on_step_end", "callback_on_step_end_tensor_inputs"):
+            kwargs.pop(key)
+        kwargs.update(_scheduled_prompt_kwargs(upscaled, family, text, negative, clip_skip, int(steps * strength)))
+    out, ladder = [], oom.Ladder(upscaled, {"width": width, "height": height}, 1, (width, height))
     for image, seed in zip(images, seeds):
         while True:
             try:
-                out += upscaler(**kwargs, image=image.resize(ladder.size, Image.LANCZOS), strength=strength,
-                                num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images
+                if upscaler in LATENT_UPSCALERS:
+                    mode, antialias = LATENT_UPSCALERS[upscaler]
+                    factor = upscaled.vae_scale_factor
+                    start = F.interpolate(image, size=(ladder.size[1] // factor, ladder.size[0] // factor), mode=mode,
+                                          antialias=antialias)
+                else:
+                    start = image.resize(ladder.size, getattr(Image, IMAGE_UPSCALERS[upscaler]))
+                out += upscaled(**kwargs, image=start, strength=strength, num_inference_steps=steps,
+                                generator=torch.Generator("cpu").manual_seed(seed)).images
                 break
             except Exception as e:  # out of memory: the next rung of the ladder (helpers/oom.py); else raised
                 ladder.step_down(e)
     return out
 
 
+def _size(text: str, field: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"`{field}` {text!r} is not a size like 512x768.") from None
+    return width, height
+
+
 def settings_from_parameters(parameters: dict) -> dict:
-    """`generate` keyword arguments that remake an image, from `images.read_parameters(png)`."""
+    """`generate` keyword arguments that remake an image, from `images.read_parameters(png)` (this kit's PNGs,
+    A1111's and Forge's): the sampler and schedule type as A1111 resolves them (an old "DPM++ 2M Karras" is DPM++ 2M
+    + Karras; a sampler or schedule this kit lacks raises ValueError naming it and the nearest), the hires fix from
+    "Hires upscale" or "Hires resize", `<lora:>` tags kept in the prompt, a size that is not a multiple of 8 rounded
+    to the nearest one (with a notice). Fields not used here are ignored."""
+    from . import samplers
+
     kwargs = {"prompt": parameters["prompt"], "negative_prompt": parameters.get("negative_prompt", "")}
+    hires = "Hires upscale" in parameters or "Hires resize" in parameters
     conversions = {"Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float),
-                   "Seed": ("seed", int), "Sampler": ("sampler", str), "Clip skip": ("clip_skip", int),
-                   "Denoising strength": ("hires_strength" if "Hires upscale" in parameters else "strength", float),
-                   "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int)}
+                   "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
+                   "Denoising strength": ("hires_strength" if hires else "strength", float),
+                   "Hires steps": ("hires_steps", int)}
     for key, (name, convert) in conversions.items():
         if key in parameters:
-            kwargs[name] = convert(parameters[key])
+            try:
+                kwargs[name] = convert(parameters[key])
+            except ValueError:
+                raise ValueError(f"The PNG's `{key}` {parameters[key]!r} is not a number.") from None
+    if kwargs.get("hires_steps") == 0:   # A1111's 0: as many as the first pass
+        del kwargs["hires_steps"]
+    if "Sampler" in parameters:
+        kwargs["sampler"], kwargs["schedule_type"] = samplers.parse(parameters["Sampler"],
+                                                                    parameters.get("Schedule type"))
     if "Size" in parameters:
-        kwargs["width"], kwargs["height"] = (int(v) for v in parameters["Size"].split("x"))
+        width, height = _size(parameters["Size"], "Size")
+        if width % 8 or height % 8:
+            print(f"The PNG's size {width}x{height} is not a multiple of 8 (diffusers needs one): remade at "
+                  f"{_nearest_8(width)}x{_nearest_8(height)}.")
+        kwargs["width"], kwargs["height"] = _nearest_8(width), _nearest_8(height)
+    if "Hires upscale" in parameters:
+        kwargs["hires_scale"] = float(parameters["Hires upscale"])
+    elif "Hires resize" in parameters and "width" in kwargs:
+        target_w, target_h = _size(parameters["Hires resize"], "Hires resize")
+        ratios = [t / v for t, v in ((target_w, kwargs["width"]), (target_h, kwargs["height"])) if t]
+        kwargs["hires_scale"] = max(ratios) if ratios else 1.0
+        if len(set(round(r, 2) for r in ratios)) > 1:
+            print(f"Hires resize {target_w}x{target_h} changes the aspect ratio (A1111 crops): remade at scale "
+                  f"{kwargs['hires_scale']:g}.")
+    if hires and "Hires upscaler" in parameters:
+        name = parameters["Hires upscaler"]
+        try:
+            kwargs["hires_upscaler"] = _hires_upscaler(name)
+        except ValueError:
+            print(f"The hires upscaler {name!r} is not part of this kit: remade with 'Lanczos'.")
+            kwargs["hires_upscaler"] = "Lanczos"
+    elif hires:
+        kwargs["hires_upscaler"] = "Latent"   # A1111's default
     return kwargs

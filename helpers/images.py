@@ -143,36 +143,84 @@ def save_image(image, folder, parameters: str | None = None, label: str = "") ->
     return storage.atomic_write(path, buffer.getvalue())
 
 
-def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:
-    """The A1111 "parameters" text: the prompt, a "Negative prompt:" line, then "Key: value" pairs, e.g.
-    parameters_text("a cat", "blurry", Steps=25, Sampler="Euler a", CFG_scale=7, Seed=1, Size="512x512").
-    Underscores in keys become spaces; a value with a comma, a colon, a line break or a quote is quoted (JSON,
-    non-ASCII kept), as A1111's infotext_utils.quote does (it does not quote for a quote alone; we do, so that
-    such a value reads back whole)."""
+# A1111's create_infotext order (v1.10): these fields first, in this order; any other field after them in the order
+# given (A1111's extra_generation_params: Hires upscale, Hires steps, Hires upscaler, Lora hashes, Mask blur, ...);
+# "Version" and "User" last.
+INFOTEXT_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+                  "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
+                  "Seed resize from", "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD", "Tiling")
+INFOTEXT_LAST = ("Version", "User")
+
+
+def quote(value) -> str:
+    """A value as A1111's infotext writes it: as it is, or JSON-quoted (non-ASCII kept) where it holds a comma, a
+    colon or a line break. A quote alone is not quoted (`"masterpiece" style` stays as it is), as in A1111."""
     import json
 
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def unquote(text: str) -> str:
+    """A value as A1111 reads it back: a well-formed JSON string (starting and ending with a quote) is decoded, any
+    other text is kept as written (never an error)."""
+    import json
+
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            decoded = json.loads(text)
+        except ValueError:
+            return text
+        return decoded if isinstance(decoded, str) else text
+    return text
+
+
+def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:
+    """The A1111 "parameters" text: the prompt, a "Negative prompt:" line, then "Key: value" pairs in A1111's field
+    order (INFOTEXT_ORDER), e.g. parameters_text("a cat", "blurry", Steps=25, Sampler="DPM++ 2M",
+    Schedule_type="Karras", CFG_scale=7, Seed=1, Size="512x512"). Underscores in keys become spaces; None values are
+    left out; a value with a comma, a colon or a line break is JSON-quoted (`quote`), as A1111's infotext does."""
+    named = {key.replace("_", " "): value for key, value in settings.items() if value is not None}
+    given = list(named)
+
+    def rank(key):
+        if key in INFOTEXT_ORDER:
+            return 0, INFOTEXT_ORDER.index(key)
+        return (2, INFOTEXT_LAST.index(key)) if key in INFOTEXT_LAST else (1, given.index(key))
+
+    keys = sorted(given, key=rank)
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    pairs = []
-    for key, value in settings.items():
-        text = str(value)
-        if any(c in text for c in ',:"\n'):
-            text = json.dumps(text, ensure_ascii=False)
-        pairs.append(f"{key.replace('_', ' ')}: {text}")
-    lines.append(", ".join(pairs))
+    lines.append(", ".join(f"{key}: {quote(named[key])}" for key in keys))
     return "\n".join(lines)
 
 
-_PAIR = re.compile(r'\s*([\w ./+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# A1111's reading of the settings line: `key: value` pairs where a value is a quoted JSON-style string or the text up
+# to the next comma (a quoted value that is not followed by a comma or the end is read as plain text).
+_PAIR = re.compile(r'\s*(\w[\w ./+-]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict:
+    """The A1111 "parameters" text read as A1111 reads it: "prompt", "negative_prompt" and each setting by its name,
+    values as text (unquoted where they were quoted). Fields this kit does not use are kept too; nothing raises."""
+    lines = str(text).strip().split("\n")
+    settings = {}
+    if len(_PAIR.findall(lines[-1])) >= 3:  # the last line holds the settings (A1111: three pairs or more)
+        for key, value in _PAIR.findall(lines.pop()):
+            settings[key.strip()] = unquote(value.strip())
+    prompt, negative, into_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            into_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if into_negative else prompt).append(line)
+    return {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip(), **settings}
 
 
 def read_parameters(source) -> dict:
-    """The A1111 parameters of a PNG (path or PIL image) as a dict: "prompt", "negative_prompt" and each setting by its
-    A1111 name ("Steps", "Sampler", "CFG scale", "Seed", "Size", ...), values as text. Raises ValueError if the image
-    carries none."""
-    import json
-
+    """The A1111 parameters of a PNG (path or PIL image) as a dict (see parse_parameters): "prompt",
+    "negative_prompt" and each setting by its A1111 name ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed",
+    "Size", ...), values as text. Raises ValueError if the image carries none."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
@@ -183,14 +231,4 @@ def read_parameters(source) -> dict:
     if not text:
         raise ValueError(f"{getattr(source, 'filename', None) or str(source)!r} carries no A1111 parameters (the PNG "
                          "'parameters' text): only PNGs saved by this project, A1111 or compatible tools do.")
-    lines = text.strip().split("\n")
-    settings = {}
-    if len(_PAIR.findall(lines[-1])) >= 3:  # the last line holds the settings
-        for key, value in _PAIR.findall(lines.pop()):
-            settings[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
-    prompt, negative, into_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            into_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if into_negative else prompt).append(line)
-    return {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip(), **settings}
+    return parse_parameters(text)

@@ -200,6 +200,57 @@ def unload_loras(pipe) -> None:
     pipe._helpers_lora_files = {}
 
 
+def lora_folders() -> list[Path]:
+    """Where `<lora:NAME:W>` tags look for NAME.safetensors: the project's models/loras (and its subfolders), then
+    each training run's lora/ folder (runs/*/lora, where the kohya export NAME.safetensors lies)."""
+    paths = storage.project_paths()
+    return [paths.models / "loras", paths.runs]
+
+
+def find_lora(name: str) -> Path:
+    """The file of the LoRA a prompt's `<lora:NAME:W>` tag names: NAME.safetensors (or NAME as written, with its
+    suffix) in lora_folders(); FileNotFoundError naming the folders searched."""
+    loras, runs = lora_folders()
+    wanted = {name, f"{name}.safetensors"}
+    candidates = (sorted(loras.rglob("*")) if loras.is_dir() else []) + (sorted(runs.glob("*/lora/*"))
+                                                                         if runs.is_dir() else [])
+    found = next((path for path in candidates if path.name in wanted and path.is_file()), None)
+    if found:
+        return found
+    raise FileNotFoundError(f"No LoRA {name!r} for the prompt's <lora:{name}:...> tag: looked for {name}.safetensors "
+                            f"in {loras} (and its subfolders) and {runs}/*/lora. Put the file there, or load it with "
+                            "load_lora(pipe, PATH_OR_LINK).")
+
+
+def apply_tags(pipe, tags: list[tuple[str, float]]) -> None:
+    """Make `pipe`'s tag-loaded LoRAs those the prompt's tags name, at their weights (A1111's extra networks): new
+    ones are loaded (find_lora), those a previous prompt named and this one does not are unloaded. LoRAs loaded with
+    load_lora are left as they are, unless a tag names one (then the tag sets its scale)."""
+    wanted: dict[str, float] = {}
+    for name, weight in tags:
+        if not -4 <= weight <= 4:
+            raise ValueError(f"The weight {weight:g} of <lora:{name}:{weight:g}> must be between -4 and 4 (1.0 is "
+                             "the trained strength).")
+        wanted[name] = weight
+    tagged = dict(getattr(pipe, "_helpers_tag_loras", {}))   # tag name -> adapter name
+    stale = [adapter for name, adapter in tagged.items() if name not in wanted]
+    paths = {name: find_lora(name) for name in wanted if name not in tagged and name not in active_loras(pipe)}
+    if stale:
+        pipe.delete_adapters(stale)
+        pipe._helpers_loras = {n: s for n, s in active_loras(pipe).items() if n not in stale}
+        pipe._helpers_lora_files = {n: f for n, f in getattr(pipe, "_helpers_lora_files", {}).items()
+                                    if n not in stale}
+        tagged = {name: adapter for name, adapter in tagged.items() if adapter not in stale}
+    for name, path in paths.items():
+        tagged[name] = load_lora(pipe, path, scale=wanted[name], name=re.sub(r"\W", "_", name))
+    pipe._helpers_tag_loras = tagged
+    scales = {tagged.get(name, name): weight for name, weight in wanted.items()}
+    if scales:
+        set_lora_scales(pipe, scales)
+    elif stale and active_loras(pipe):
+        pipe.set_adapters(list(active_loras(pipe)), adapter_weights=list(active_loras(pipe).values()))
+
+
 def load_embedding(pipe, source: str, token: str | None = None, allow_pickle: bool = False) -> str:
     """Load a textual-inversion embedding; use its token (default: the file name in <angle brackets>) in prompts."""
     path = fetch(source, allow_pickle=allow_pickle)

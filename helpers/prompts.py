@@ -2,7 +2,10 @@
 
 A1111's attention syntax: `(word)` x1.1, `((word))` x1.21, `(word:1.3)` x1.3, `[word]` /1.1; nesting multiplies;
 `\\(` `\\)` `\\[` `\\]` are literal brackets; unclosed brackets weigh everything after them, as in A1111.
-`BREAK` (A1111's "start a new 77-token chunk") is ignored: it is removed from the text (compel has no such thing).
+`BREAK` starts a new 77-token chunk, as in A1111 (`split_break`; `encode` pads each part to 77 tokens).
+Also A1111's other prompt syntax: `<lora:NAME:W>` / `<lyco:NAME:W>` tags (`extract_loras`: taken out of the text),
+prompt editing `[from:to:when]` and alternation `[a|b]` (`schedule`: the text of each step); `AND` (composable
+diffusion) is refused (`check_syntax`).
 
     parse_weights("a (red:1.3) car")   -> [("a ", 1.0), ("red", 1.3), (" car", 1.0)]
     to_compel("a (red car:1.3)")      -> "a (red car)1.3"
@@ -53,8 +56,26 @@ def check_prompt(prompt, name: str = "prompt") -> None:
 def parse_weights(prompt: str) -> list[tuple[str, float]]:
     """The (text, weight) chunks of an A1111 prompt, as A1111's `parse_prompt_attention` reads them: adjacent chunks
     of equal weight merged, text kept as written (spaces included). Differences from A1111: BREAK is removed
-    (A1111 keeps it as a chunk marker), chunks with no text are dropped, and a weight that is not a number (`(a:1.2.3)`)
-    is read as text instead of raising. The empty prompt gives [("", 1.0)]."""
+    (A1111 keeps it as a chunk marker; see split_break), chunks with no text are dropped, and a weight that is not a
+    number (`(a:1.2.3)`) is read as text instead of raising. The empty prompt gives [("", 1.0)]."""
+    return [chunk for chunk in _parse(prompt, breaks=False)]
+
+
+def split_break(prompt: str) -> list[list[tuple[str, float]]]:
+    """The weighted chunks of each BREAK-separated part of `prompt` (A1111: each part starts a new 77-token chunk);
+    one part where there is no BREAK."""
+    parts = [[]]
+    for text, weight in _parse(prompt, breaks=True):
+        if text is None:
+            parts.append([])
+        else:
+            parts[-1].append((text, weight))
+    parts = [part for part in parts if any(text.strip() for text, _ in part)]  # BREAK at an end adds no chunk
+    return parts or [[("", 1.0)]]
+
+
+def _parse(prompt: str, breaks: bool) -> list[tuple[str | None, float]]:
+    """parse_weights; with `breaks`, each BREAK is a (None, 1.0) marker instead of a space."""
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a str, not {type(prompt).__name__}.")
     chunks: list[list] = []                 # [text, weight], weights multiplied in place as brackets close
@@ -88,6 +109,9 @@ def parse_weights(prompt: str) -> list[tuple[str, float]]:
             scale(round_open.pop(), ROUND)
         elif token == "]" and square_open:
             scale(square_open.pop(), SQUARE)
+        elif breaks and _BREAK.search(token):   # text holding BREAK: the text around each, and a marker
+            for i, part in enumerate(_BREAK.split(token)):
+                chunks += [[None, 1.0]] * (i > 0) + [[part, 1.0]]
         else:                               # text, and brackets or weights that close nothing
             chunks.append([_BREAK.sub(" ", token), 1.0])
     for start in round_open:                # unclosed brackets weigh everything after them
@@ -97,9 +121,12 @@ def parse_weights(prompt: str) -> list[tuple[str, float]]:
 
     merged: list[list] = []
     for text, weight in chunks:
+        if text is None:                    # a BREAK marker: never merged
+            merged.append([None, 1.0])
+            continue
         if not text:
             continue
-        if merged and merged[-1][1] == weight:
+        if merged and merged[-1][0] is not None and merged[-1][1] == weight:
             merged[-1][0] += text
         else:
             merged.append([text, weight])
@@ -165,6 +192,125 @@ def to_compel(prompt: str) -> str:
         else:  # a weighted group; also plain text that would make compel read the next group as an operator's argument
             parts.append(f"({_escape(text, inside=True)}){_number(weight)}")
     return " ".join(parts)
+
+
+# --- A1111's extra syntax: LoRA tags, AND, prompt editing and alternation --------------------------------------
+
+_LORA_TAG = re.compile(r"<(lora|lyco):([^:>]+)(?::([^:>]*))?(?::([^>]*))?>", re.I)
+_AND = re.compile(r"\bAND\b")
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)\s*")
+
+
+def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(`prompt` without its `<lora:NAME:W>` / `<lyco:NAME:W>` tags, [(NAME, W), ...]) as A1111's extra networks
+    read them: W defaults to 1; a second weight (A1111's separate UNet weight, `<lora:NAME:TE:UNET>`) is read as
+    the weight when given (diffusers applies one scale). A weight that is not a number raises ValueError."""
+    found = []
+
+    def take(match):
+        name, weights = match.group(2).strip(), [w for w in match.groups()[2:] if w not in (None, "")]
+        try:
+            weight = float(weights[-1]) if weights else 1.0
+        except ValueError:
+            raise ValueError(f"The weight in {match.group(0)!r} is not a number: write it as <lora:{name}:0.8>.") \
+                from None
+        found.append((name, weight))
+        return ""
+
+    return _LORA_TAG.sub(take, prompt), found
+
+
+def check_syntax(prompt: str, name: str = "prompt") -> None:
+    """Raise ValueError for A1111 syntax this kit cannot run: AND (composable diffusion)."""
+    if _AND.search(prompt):
+        raise ValueError(f"`{name}` uses AND (A1111's composable diffusion), which this kit does not run: write "
+                         "one prompt (join the parts with a comma), or use prompt editing [a:b:0.5] / [a|b].")
+
+
+def _parse_edit(text: str, i: int, inside: bool):
+    """Nodes of `text` from `i` up to an unmatched `]`, `:` or `|` (when `inside` brackets) or the end: strings, and
+    ("edit", before, after, when) / ("alt", options) / ("plain", parts, separators) for square brackets."""
+    nodes, buffer, depth = [], [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            buffer.append(text[i:i + 2])
+            i += 2
+            continue
+        if char == "[":
+            nodes.append("".join(buffer))
+            buffer = []
+            node, i = _parse_bracket(text, i + 1)
+            nodes.append(node)
+            continue
+        if inside and depth == 0 and char in "]:|":
+            break
+        depth += (char == "(") - (char == ")" and depth > 0)
+        buffer.append(char)
+        i += 1
+    nodes.append("".join(buffer))
+    return [n for n in nodes if n != ""], i
+
+
+def _parse_bracket(text: str, i: int):
+    parts, separators = [], []
+    while True:
+        nodes, i = _parse_edit(text, i, inside=True)
+        parts.append(nodes)
+        if i >= len(text):                  # unclosed: plain text (read later as A1111's unclosed [ weighting)
+            return ("plain", parts, separators, False), i
+        char, i = text[i], i + 1
+        if char == "]":
+            break
+        separators.append(char)
+    if separators and set(separators) == {"|"}:
+        return ("alt", parts), i
+    if separators and set(separators) == {":"} and len(parts) in (2, 3) and len(parts[-1]) == 1 \
+            and isinstance(parts[-1][0], str) and _NUMBER.fullmatch(parts[-1][0]):
+        before, after = (parts[0], parts[1]) if len(parts) == 3 else ([], parts[0])
+        return ("edit", before, after, float(parts[-1][0])), i
+    return ("plain", parts, separators, True), i
+
+
+def _render(nodes, step: int, steps: int) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif node[0] == "edit":
+            when = node[3] * steps if node[3] < 1 else node[3]   # A1111: below 1 a fraction of the steps
+            out.append(_render(node[1] if step <= int(when) else node[2], step, steps))
+        elif node[0] == "alt":
+            out.append(_render(node[1][(step - 1) % len(node[1])], step, steps))
+        else:
+            _, parts, separators, closed = node
+            inner = "".join(_render(part, step, steps) + (separators[k] if k < len(separators) else "")
+                            for k, part in enumerate(parts))
+            out.append("[" + inner + ("]" if closed else ""))
+    return "".join(out)
+
+
+def _has_edits(nodes) -> bool:
+    return any(not isinstance(n, str) and (n[0] in ("edit", "alt") or any(_has_edits(p) for p in n[1]))
+               for n in nodes)
+
+
+def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """A1111's prompt editing and alternation: [(last step, text for the steps up to it), ...], steps counted from
+    1. `[from:to:when]` paints `from` up to step `when` (below 1: that fraction of `steps`), then `to`; `[to:when]`
+    adds, `[from::when]` removes; `[a|b]` alternates every step. Other square brackets stay (A1111's weighting).
+    A prompt with none of these gives [(steps, prompt)]."""
+    nodes, _ = _parse_edit(prompt, 0, inside=False)
+    if not _has_edits(nodes):
+        return [(steps, prompt)]
+    texts = [_render(nodes, step, steps) for step in range(1, steps + 1)]
+    result = []
+    for step, text in enumerate(texts, start=1):
+        if result and result[-1][1] == text:
+            result[-1] = (step, text)
+        else:
+            result.append((step, text))
+    return result
 
 
 # --- embeddings -------------------------------------------------------------------------------------------------
@@ -234,11 +380,12 @@ def _as_list(value, name: str, count: int | None = None) -> list[str]:
     return values
 
 
-def _chunks(pipe, prompt: str, tokenizer) -> list[tuple[str, float]]:
-    """parse_weights, with chunks of no text dropped (compel cannot place them) and textual-inversion tokens of
-    several vectors expanded for this tokenizer (diffusers' maybe_convert_prompt: "<tok>" -> "<tok> <tok>_1 ...")."""
+def _chunks(pipe, prompt: str, tokenizer, part: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The chunks of one BREAK-part of `prompt`, those of no text dropped (compel cannot place them) and
+    textual-inversion tokens of several vectors expanded for this tokenizer (diffusers' maybe_convert_prompt:
+    "<tok>" -> "<tok> <tok>_1 ...")."""
     chunks = []
-    for text, weight in parse_weights(prompt):
+    for text, weight in part:
         if weight < 0:
             raise ValueError(f"compel cannot apply the negative weight {weight:g} of {text!r} in {prompt!r}: use a "
                              "weight from 0 (removes the words) upwards, or move them to the negative prompt.")
@@ -247,6 +394,16 @@ def _chunks(pipe, prompt: str, tokenizer) -> list[tuple[str, float]]:
                 text = pipe.maybe_convert_prompt(text, tokenizer)
             chunks.append((text, weight))
     return chunks or [("", 1.0)]
+
+
+def _conditioning(pipe, compel, prompt: str, tokenizer):
+    """compel's embedding of `prompt`: each BREAK-part padded to its own multiple of 77 tokens, then joined."""
+    import torch
+    from compel.prompt_parser import Conjunction, FlattenedPrompt
+
+    parts = [compel.build_conditioning_tensor_for_conjunction(
+        Conjunction([FlattenedPrompt(_chunks(pipe, prompt, tokenizer, part))]))[0] for part in split_break(prompt)]
+    return torch.cat(parts, dim=1)
 
 
 def _pad(compel, tensors: list, length: int) -> list:
@@ -269,7 +426,6 @@ def encode(pipe, prompt, negative_prompt="", clip_skip: int = 0) -> dict:
     negatives = _as_list(negative_prompt, "negative_prompt", count=len(prompts))
     import torch
     from compel import Compel
-    from compel.prompt_parser import Conjunction, FlattenedPrompt
 
     pairs = [(pipe.tokenizer, pipe.text_encoder), (getattr(pipe, "tokenizer_2", None),
                                                    getattr(pipe, "text_encoder_2", None))]
@@ -285,8 +441,7 @@ def encode(pipe, prompt, negative_prompt="", clip_skip: int = 0) -> dict:
                 text_encoder = _TextModelView(text_encoder)
             compel = Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=False,
                             returned_embeddings_type=embeddings_type, requires_pooled=wants_pooled, device=device)
-            conditionings = [compel.build_conditioning_tensor_for_conjunction(
-                Conjunction([FlattenedPrompt(_chunks(pipe, text, tokenizer))]))[0] for text in texts]
+            conditionings = [_conditioning(pipe, compel, text, tokenizer) for text in texts]
             per_encoder.append((compel, conditionings))
             if wants_pooled:  # from the plain text, syntax removed (compel's own pooling would read "(a)1.3" as text)
                 plain = ["".join(t for t, _ in parse_weights(text)) for text in texts]

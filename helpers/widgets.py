@@ -198,9 +198,11 @@ class GeneratePanel(w.VBox):
         self.pipe, self.model_name, self.result = pipe, model_name, None
         self.prompt = w.Textarea(placeholder="prompt, (word:1.2) weighting works", layout=w.Layout(width="100%"))
         self.negative = w.Textarea(placeholder="negative prompt", layout=w.Layout(width="100%"))
-        self.sampler = w.Dropdown(options=list(samplers.SAMPLERS), value=samplers.sampler_name(pipe)
-                                  if samplers.sampler_name(pipe) in samplers.SAMPLERS else "Euler a",
-                                  description="Sampler")
+        sampler_names, schedule_types = samplers.offered(pipe)   # A1111's two dropdowns
+        self.sampler = w.Dropdown(options=sampler_names, value=samplers.DEFAULT_SAMPLER if samplers.DEFAULT_SAMPLER
+                                  in sampler_names else sampler_names[0], description="Sampler")
+        self.schedule_type = w.Dropdown(options=schedule_types, value=samplers.DEFAULT_SCHEDULE_TYPE,
+                                        description="Schedule type")
         self.steps = w.IntSlider(value=25, min=1, max=100, description="Steps")
         self.cfg = w.FloatSlider(value=7.0, min=0, max=20, step=0.5, description="CFG scale")
         self.seed = w.IntText(value=-1, description="Seed (-1: random)")
@@ -217,7 +219,8 @@ class GeneratePanel(w.VBox):
         self.status = w.HTML()
         self.add_lora_button.on_click(lambda _: self.add_lora())
         self.generate_button.on_click(lambda _: self.generate())
-        super().__init__([self.prompt, self.negative, w.HBox([self.sampler, self.steps, self.cfg]),
+        super().__init__([self.prompt, self.negative, w.HBox([self.sampler, self.schedule_type]),
+                          w.HBox([self.steps, self.cfg]),
                           w.HBox([self.width, self.height, self.seed]), w.HBox([self.batch_size, self.batch_count]),
                           w.HBox([self.lora_source, self.lora_scale, self.add_lora_button]),
                           w.HBox([self.generate_button, self.save]), self.status, self.gallery])
@@ -238,7 +241,8 @@ class GeneratePanel(w.VBox):
         try:
             self.result = diffusion.generate(
                 self.pipe, self.prompt.value, negative_prompt=self.negative.value, sampler=self.sampler.value,
-                num_inference_steps=self.steps.value, guidance_scale=self.cfg.value, seed=self.seed.value,
+                schedule_type=self.schedule_type.value, num_inference_steps=self.steps.value,
+                guidance_scale=self.cfg.value, seed=self.seed.value,
                 width=self.width.value, height=self.height.value, num_images_per_prompt=self.batch_size.value,
                 batch_count=self.batch_count.value, model_name=self.model_name)
         except (ValueError, OSError, FloatingPointError) as e:

@@ -86,7 +86,7 @@ def test_generate_cli(tmp_path):
     paths = [Path(line) for line in result.stdout.split()]
     assert [p.name for p in paths] == ["00000-3.png", "00001-4.png"]
     with Image.open(paths[1]) as im:
-        assert "Seed: 4" in im.text["parameters"] and "Sampler: DPM++ 2M Karras" in im.text["parameters"]
+        assert "Seed: 4" in im.text["parameters"] and "Sampler: DPM++ 2M, Schedule type: Karras" in im.text["parameters"]
 
 
 def test_inpaint_cli(tmp_path):

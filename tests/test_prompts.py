@@ -229,3 +229,43 @@ def test_multi_vector_textual_inversion_tokens_are_expanded():
 def test_sd3_and_flux_are_refused(name):
     with pytest.raises(ValueError, match="only for SD 1.x and SDXL pipelines.*pass the plain prompt"):
         prompts.encode(loading.load_sd(name), "a (cat:1.2)")
+
+
+# --- A1111's extra syntax: prompt editing, alternation, BREAK, AND, LoRA tags ----------------------------------
+
+@pytest.mark.parametrize("prompt, steps, expected", [
+    ("a [cat:dog:0.5] here", 6, [(3, "a cat here"), (6, "a dog here")]),      # below 1: a fraction of the steps
+    ("a [cat:dog:2]", 6, [(2, "a cat"), (6, "a dog")]),                      # from 1: a step number
+    ("[a:b:2.5]", 20, [(2, "a"), (20, "b")]),
+    ("[a:b:25]", 20, [(20, "a")]),
+    ("[to:2]", 4, [(2, ""), (4, "to")]), ("[from::2]", 4, [(2, "from"), (4, "")]),
+    ("[a|b] x", 4, [(1, "a x"), (2, "b x"), (3, "a x"), (4, "b x")]),
+    ("[a|b|c]", 3, [(1, "a"), (2, "b"), (3, "c")]),
+    ("[[a|b]:c:0.5]", 4, [(1, "a"), (2, "b"), (4, "c")]),
+    ("[a:(red:1.2):3]", 4, [(3, "a"), (4, "(red:1.2)")]),                    # a colon inside ( ) is its weight
+    ("a [word] (x:1.2)", 4, [(4, "a [word] (x:1.2)")]),                       # A1111's [ ] weighting stays
+    ("[unclosed", 4, [(4, "[unclosed")]), ("a ] b [", 4, [(4, "a ] b [")]),
+    ("[x:y:z:0.5]", 4, [(4, "[x:y:z:0.5]")]), (r"\[a:b:0.5\]", 4, [(4, r"\[a:b:0.5\]")]),
+])
+def test_schedule_reads_prompt_editing_and_alternation_as_a1111_documents(prompt, steps, expected):
+    assert prompts.schedule(prompt, steps) == expected
+
+
+def test_split_break_gives_the_parts_and_keeps_their_weights():
+    assert prompts.split_break("a BREAK (b:1.2) c BREAK") == [[("a", 1.0)], [("b", 1.2), (" c", 1.0)]]
+    assert prompts.split_break("no break here") == [[("no break here", 1.0)]]
+    assert prompts.parse_weights("a BREAK b") == [("a b", 1.0)]
+
+
+def test_and_is_refused_but_and_in_a_word_is_text():
+    with pytest.raises(ValueError, match=r"`negative_prompt` uses AND"):
+        prompts.check_syntax("x AND y", "negative_prompt")
+    prompts.check_syntax("sand and ANDROID, Andy")
+
+
+@pytest.mark.parametrize("prompt, text, tags", [
+    ("a <lora:add_detail:0.8> cat", "a  cat", [("add_detail", 0.8)]),
+    ("<lora:x>", "", [("x", 1.0)]), ("<LoRA:x:1.5>", "", [("x", 1.5)]), ("<lyco:y:0.5:0.7>", "", [("y", 0.7)]),
+    ("no tags <not:a:tag>", "no tags <not:a:tag>", [])])
+def test_extract_loras(prompt, text, tags):
+    assert prompts.extract_loras(prompt) == (text, tags)

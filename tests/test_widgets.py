@@ -99,7 +99,8 @@ def test_generate_panel_generates_saves_and_shows(sd, tmp_path, monkeypatch):
     monkeypatch.setenv("HELPERS_HOME", str(tmp_path))
     panel = widgets.GeneratePanel(sd, model_name="sd15")
     panel.prompt.value, panel.negative.value = "a photo of a (cat:1.2)", "blurry"
-    panel.sampler.value, panel.steps.value, panel.seed.value = "DPM++ 2M Karras", 3, 9
+    panel.sampler.value, panel.schedule_type.value = "DPM++ 2M SDE", "Karras"   # A1111 1.9+'s two dropdowns
+    panel.steps.value, panel.seed.value = 3, 9
     panel.width.value = panel.height.value = 256  # SMOKE MODE caps it to 64
     panel.batch_size.value = 2
     panel.generate_button.click()
@@ -107,7 +108,8 @@ def test_generate_panel_generates_saves_and_shows(sd, tmp_path, monkeypatch):
     saved = sorted((tmp_path / "outputs" / "txt2img").glob("*.png"))
     assert [p.name for p in saved] == ["00000-9.png", "00001-10.png"] and "saved 2 PNG(s)" in panel.status.value
     params = images.read_parameters(saved[0])
-    assert params["prompt"] == "a photo of a (cat:1.2)" and params["Sampler"] == "DPM++ 2M Karras"
+    assert params["prompt"] == "a photo of a (cat:1.2)" and (params["Sampler"], params["Schedule type"]) == \
+        ("DPM++ 2M SDE", "Karras")
 
 
 def test_generate_panel_shows_errors(sd):
