@@ -39,6 +39,21 @@ class GenerationResult:
                 for image, seed, text in zip(self.images, self.seeds, self.parameters)]
 
 
+# What each family is usually run with (its model card's defaults): the benchmark's settings and notebook 04's
+RECOMMENDED = {
+    "sd15": {"num_inference_steps": 25, "size": 512, "guidance_scale": 7.0},
+    "sdxl": {"num_inference_steps": 25, "size": 1024, "guidance_scale": 7.0},
+    "sd3": {"num_inference_steps": 28, "size": 1024, "guidance_scale": 7.0},
+    "flux": {"num_inference_steps": 28, "size": 1024, "guidance_scale": 3.5},   # dev: the distilled guidance
+}
+RECOMMENDED_BY_MODEL = {"flux-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0}}  # timestep-distilled
+
+
+def recommended_settings(family: str, model: str | None = None) -> dict:
+    """num_inference_steps, size and guidance_scale that `family` (or catalogue `model`) is usually run with."""
+    return {**RECOMMENDED.get(family, RECOMMENDED["sd15"]), **RECOMMENDED_BY_MODEL.get(model or "", {})}
+
+
 def family_of(pipe) -> str:
     """sd15, sdxl, sd3 or flux, from the pipeline's class."""
     name = type(pipe).__name__

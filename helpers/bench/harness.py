@@ -27,14 +27,6 @@ SHAPE_TRUE_NOTE = "random weights: speed and memory only"
 TINY_NOTE = "tiny random-weight models: the figures are the cost of the code path, not the models' speed or quality"
 MIB = 2**20
 
-# What each family is usually run with (its model card's defaults); a setting overrides any of them.
-FAMILY_DEFAULTS = {
-    "sd15": {"num_inference_steps": 25, "size": 512, "guidance_scale": 7.0},
-    "sdxl": {"num_inference_steps": 25, "size": 1024, "guidance_scale": 7.0},
-    "sd3": {"num_inference_steps": 28, "size": 1024, "guidance_scale": 7.0},
-    "flux": {"num_inference_steps": 28, "size": 1024, "guidance_scale": 3.5},
-}
-MODEL_DEFAULTS = {"flux-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0}}  # timestep-distilled
 SETTING_KEYS = ("label", "num_inference_steps", "size", "guidance_scale", "sampler")
 # The figures of a row (helpers.bench.report writes them in this order); None where one does not apply.
 ROW_KEYS = ("model", "setting", "family", "mode", "dtype", "device", "route", "quantization", "steps", "width",
@@ -154,7 +146,9 @@ def _row_name(model: str, setting: dict, several: bool) -> str:
 
 def generation_kwargs(model: str, family: str, setting: dict) -> dict:
     """The generate() arguments of `setting` for `model`: its family's defaults, then the setting's values."""
-    merged = {**FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["sd15"]), **MODEL_DEFAULTS.get(model, {}),
+    from .. import diffusion
+
+    merged = {**diffusion.recommended_settings(family, model),
               **{k: v for k, v in setting.items() if k != "label" and v is not None}}
     size = merged.pop("size")
     return {**merged, "width": size, "height": size}
