@@ -173,7 +173,8 @@ def chat(args) -> int:
     settings = vlm.GenerationSettings(max_new_tokens=args.max_new_tokens)
     _smoke_notice()
     model, processor = loading.load_llava(args.model, quantization=args.quantization)
-    for piece in vlm.ChatSession(model, processor, settings=settings).stream(args.question, images=[image]):
+    session = vlm.ChatSession(model, processor, settings=settings, image_budget=args.image_budget)
+    for piece in session.stream(args.question, images=[image]):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -187,6 +188,7 @@ def caption(args) -> int:
     _smoke_notice()
     model, processor = loading.load_llava(args.model, quantization=args.quantization)
     report = captions.caption_folder(args.folder, model, processor, style=args.style, trigger=args.trigger,
+                                     image_budget=args.image_budget,
                                      max_chars=args.max_chars, batch_size=args.batch_size, overwrite=args.overwrite)
     print(report)
     return 1 if report.failed else 0
@@ -232,7 +234,8 @@ def _generate(args, **task) -> int:
         task["mask_image"] = masks.load_mask(task["mask_image"], size=task["image"].size)
     loras = [(lora.prepare(source, scale=scale), scale, name) for source, scale, name in map(_lora_arg, args.lora)]
     _smoke_notice()
-    pipe = loading.load_sd(args.model, task="inpaint" if "mask_image" in task else "txt2img")
+    pipe = loading.load_sd(args.model, task="inpaint" if "mask_image" in task else "txt2img",
+                           quantization=args.quantization)
     for path, scale, name in loras:
         lora.load_lora(pipe, str(path), scale=scale, name=name)
     result = diffusion.generate(pipe, args.prompt, **settings, **task)
@@ -329,6 +332,8 @@ def _sd_arguments(p, model: str) -> None:
                         "name (default: from the file, or its run's folder); repeat for several")
     p.add_argument("--model", default=model, help="a catalogue name or alias, hub id, local folder, one-file "
                                                   ".safetensors checkpoint, or a link to one (Civitai, Hugging Face)")
+    p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto",
+                   help="auto: the planner's choice on a GPU (4-bit nf4 for SD3 and FLUX on a T4), none on the CPU")
     p.add_argument("--out", help="output folder (default: the project's outputs/<task>)")
 
 
@@ -337,7 +342,8 @@ def _sd_arguments(p, model: str) -> None:
 def plan(args) -> int:
     from . import planner
 
-    print(planner.describe(planner.plan(args.model, args.gpu, resolution=args.resolution, batch=args.batch)))
+    print(planner.describe(planner.plan(args.model, args.gpu, resolution=args.resolution, batch=args.batch,
+                                        quantization=args.quantization)))
     return 0
 
 
@@ -441,6 +447,9 @@ def main(argv=None) -> int:
             p.add_argument("--max-chars", type=int, help="cut captions at the last whole sentence that fits")
         p.add_argument("--model", default=DEMO_LLAVA, help="a catalogue name, hub id or local folder")
         p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto")
+        p.add_argument("--image-budget", choices=["low", "medium", "high", "auto"],
+                       default="auto" if name == "chat" else "high",
+                       help="image tokens: low = the base view and one tile (fastest), high = the whole grid")
     p = command("generate", help="txt2img with A1111 controls; PNGs carry their parameters")
     p.add_argument("prompt")
     p.add_argument("--hires-scale", type=_number(float, 1, 4, "a number from 1 (off) to 4"), default=1.0,
@@ -474,6 +483,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", default="t4", choices=["t4", "l4", "a100-40", "a100-80", "cpu"])
     p.add_argument("--resolution", type=positive_int, help="image size in pixels (default: the model's native size)")
     p.add_argument("--batch", type=positive_int, default=1, help="images at once")
+    p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto",
+                   help="auto: the planner picks (4-bit where 16-bit does not fit); none: 16-bit routes only")
     p = command("bench", help="benchmark models on the same prompts and seeds: speed, VRAM, RAM, CLIP score")
     p.add_argument("--models", nargs="+", default=["sd15", "sdxl"], help="catalogue names, hub ids or folders")
     p.add_argument("--shape-true", action="store_true", help="real-size architectures with random weights: speed and "

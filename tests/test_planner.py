@@ -304,3 +304,10 @@ def test_cli_plan_shows_the_route(capsys):
     assert "FITS WITH 4-BIT" in out and "plan: float16, 4-bit nf4 (text_encoder_2, transformer)" in out
     assert "route: staged (the text encoders load, encode the prompts and are freed" in out
     assert "stages (the peak is the larger): encode VRAM" in out and "RAM peak 10.97 GiB of 12.70 GiB" in out
+
+
+def test_cli_plan_takes_a_quantization(capsys):
+    assert cli.main(["plan", "flux-dev", "--gpu", "t4", "--quantization", "none"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out   # no 16-bit route fits a T4
+    assert cli.main(["plan", "sd15", "--gpu", "t4", "--quantization", "4bit"]) == 0
+    assert "4-bit nf4 (unet)" in capsys.readouterr().out
