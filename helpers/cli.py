@@ -411,6 +411,18 @@ def check_dataset(args) -> int:
     return 0 if report.ok else 1
 
 
+def instruct(args) -> int:
+    from .instruct import instruct_main
+
+    return instruct_main(args.rest)
+
+
+def train_llava_command(args) -> int:
+    from .training.llava import train_llava_main
+
+    return train_llava_main(args.rest)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -506,16 +518,27 @@ def main(argv=None) -> int:
     p.add_argument("--kind", choices=["checkpoint", "lora", "embedding"],
                    help="where it goes (default: Civitai's type, else checkpoint)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    for name, text in (("instruct", "write LLaVA-Instruct records (conversation, detail, reasoning) for every "
+                                     "captioned image of a folder; run again to go on (see instruct -h)"),
+                       ("train-llava", "fine-tune (or resume) LLaVA 1.6 with QLoRA on instruction records, from a "
+                                       "run's config.json (see train-llava -h)")):
+        p = command(name, help=text, add_help=False)   # its own parser (instruct_main, train_llava_main) reads on
+        p.add_argument("rest", nargs=argparse.REMAINDER)
     p = command("check-dataset", help="open every image of a training folder and report what would spoil a run "
                                       "(unreadable, too small, uncaptioned); exit code 1 when not ready")
     p.add_argument("folder", help="the dataset folder (kohya layout: N_concept sub-folders, or images directly)")
     p.add_argument("--resolution", type=positive_int, default=512, help="the training resolution (images under half "
                                                                         "of it a side are too small)")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in ("instruct", "train-llava"):   # their own parsers read the rest, -h included
+        args.rest = unknown + args.rest
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = args.debug or os.environ.get("HELPERS_DEBUG", "") not in ("", "0")
     commands = {"doctor": doctor, "demo": demo, "chat": chat, "caption": caption, "generate": generate,
                 "inpaint": inpaint, "train-lora": train_lora, "dreambooth": dreambooth, "plan": plan, "bench": bench,
-                "check-dataset": check_dataset, "download": download}
+                "check-dataset": check_dataset, "download": download, "instruct": instruct,
+                "train-llava": train_llava_command}
     try:
         runtime.quiet_logging()
         _folder_check(args)

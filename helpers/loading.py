@@ -325,10 +325,12 @@ def choose_quantization(resolved, profile: runtime.Profile) -> str:
     return _planned(lambda: memory.choose_quantization(_plan_name(resolved), profile), resolved.source, "none")
 
 
-def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", profile: runtime.Profile | None = None):
+def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", profile: runtime.Profile | None = None,
+               adapter: str | None = None):
     """(model, processor) of a LLaVA 1.6 checkpoint. quantization: "auto", "4bit" (nf4, double quant, compute in the
     runtime dtype), "8bit" or "none". On a GPU the weights go straight to it (device_map), never through a full copy
-    in RAM."""
+    in RAM. adapter: a LoRA adapter fine-tuned on it (notebook 09, helpers.training.llava: a folder or a hub id, peft's
+    format, safetensors only), loaded on top."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"`quantization` must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
     resolved = registry.resolve(name, task="vlm")
@@ -361,4 +363,8 @@ def load_llava(name: str = "llava-1.6-mistral-7b", quantization: str = "auto", p
         raise _load_error(resolved, e) from e
     if profile.device == "mps":
         model = model.to("mps")
+    if adapter:
+        from .training.llava import load_adapter
+
+        model = load_adapter(model, adapter)
     return model, processor
