@@ -7,7 +7,7 @@ import re
 import warnings
 from pathlib import Path
 
-from . import storage
+from . import runtime, storage
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # Cross-attention width of the UNet -> the base model family that has it.
@@ -174,6 +174,7 @@ def load_lora(pipe, source: str, scale: float = 1.0, name: str | None = None, al
                          "pass a `name` to load it twice.")
     name = name or adapter_name(path, taken=loras)
     weight_name = path.name if path.is_file() else None
+    runtime.ignore_old_torchao()   # Colab's torchao 0.10 makes peft refuse every LoRA (runtime.py)
     pipe.load_lora_weights(str(path.parent if path.is_file() else path), weight_name=weight_name, adapter_name=name)
     loras[name] = scale
     pipe._helpers_loras = loras

@@ -159,3 +159,34 @@ def setup(mount: bool = True, profile: Profile | None = None) -> Profile:
         raise
     print(describe(profile, f"files {storage.mount_drive()}" if mount else None))
     return profile
+
+
+PEFT_TORCHAO_MINIMUM = "0.16.0"   # peft 0.21's TORCHAO_MINIMUM_VERSION
+
+
+def ignore_old_torchao() -> None:
+    """Workaround, narrowly (peft 0.21.2): peft raises `ImportError: Found an incompatible version of torchao. Found
+    version 0.10.0, but only versions above 0.16.0 are supported` on EVERY LoRA it injects (training, and diffusers'
+    load_lora_weights) wherever a torchao older than that is installed, and Colab's image ships torchao 0.10.0
+    (measured by .ci/colab_stack). Nothing here uses torchao, so where such an old one is present peft is told it is
+    absent; a torchao peft supports is left alone. Call before peft injects an adapter."""
+    import importlib.metadata as metadata
+
+    from packaging.version import Version
+
+    try:
+        if Version(metadata.version("torchao")) >= Version(PEFT_TORCHAO_MINIMUM):
+            return
+    except metadata.PackageNotFoundError:
+        return
+    import peft.import_utils
+    import peft.tuners.lora.torchao
+    import peft.utils.quantization_utils
+
+    def absent() -> bool:
+        return False
+
+    for module in (peft.import_utils, peft.tuners.lora.torchao, peft.utils.quantization_utils):
+        if hasattr(module, "is_torchao_available"):
+            module.is_torchao_available = absent
+

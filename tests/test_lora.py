@@ -117,3 +117,29 @@ def test_textual_inversion_embedding(sd, tmp_path):
     result = diffusion.generate(sd, "a photo of a cat <mystyle>", num_inference_steps=2, width=64, height=64, seed=1,
                                 progress=False)
     assert images.read_parameters(result.save(tmp_path / "out")[0])["prompt"] == "a photo of a cat <mystyle>"
+
+
+def test_an_old_torchao_like_colabs_does_not_stop_peft_loading_a_lora(sd, tmp_path, monkeypatch):
+    """Colab ships torchao 0.10.0, and peft 0.21 then refuses every LoRA (ImportError: incompatible torchao):
+    measured by .ci/colab_stack. runtime.ignore_old_torchao tells peft it is absent; the LoRA loads."""
+    import peft.import_utils
+    import peft.tuners.lora.torchao
+    import peft.utils.quantization_utils
+
+    from helpers import lora
+
+    path = make_lora("sd15", tmp_path)   # made before the old torchao appears (make_lora injects with peft itself)
+    fake = tmp_path / "site"
+    (fake / "torchao").mkdir(parents=True)
+    (fake / "torchao" / "__init__.py").write_text("")
+    (fake / "torchao-0.10.0.dist-info").mkdir()
+    (fake / "torchao-0.10.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torchao\nVersion: 0.10.0\n")
+    monkeypatch.syspath_prepend(str(fake))
+    for module in (peft.import_utils, peft.tuners.lora.torchao, peft.utils.quantization_utils):
+        monkeypatch.setattr(module, "is_torchao_available", module.is_torchao_available)   # restored after
+    peft.import_utils.is_torchao_available.cache_clear()
+    with pytest.raises(ImportError, match="incompatible version of torchao"):
+        peft.import_utils.is_torchao_available()   # what peft does on Colab without the workaround
+    name = lora.load_lora(sd, str(path), scale=1.0)
+    assert name in sd.get_active_adapters()
+    lora.unload_loras(sd)

@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import smoke, storage
+from .. import runtime, smoke, storage
 from .checkpoints import (check_resumable, checkpoint_bytes, checkpoints, run_id, save_checkpoint, save_trained_only,
                           saved_losses, start_run)
 from .config import coerce
@@ -260,6 +260,8 @@ def add_lora(model, config: LlavaTrainConfig):
     copy of the projector if asked); everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
+    runtime.ignore_old_torchao()   # Colab's torchao 0.10 makes peft refuse every adapter (runtime.py)
+
     model.requires_grad_(False)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
                       target_modules=LM_TARGETS,
@@ -274,6 +276,8 @@ def load_adapter(model, adapter):
     loads, so the folder is checked and its file loaded here (what from_pretrained does for a safetensors file)."""
     import safetensors.torch
     from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+    runtime.ignore_old_torchao()
 
     folder = Path(str(adapter)).expanduser()
     if not folder.exists():   # a hub id: its config and safetensors file only
@@ -377,7 +381,7 @@ def _train_llava(config: LlavaTrainConfig, stop_after: int | None, progress: boo
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from .. import loading, registry, runtime
+    from .. import loading, registry
     from .loop import _mixed_precision, _set_base_learning_rates
 
     run_dir = Path(config.run_dir)

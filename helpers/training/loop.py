@@ -454,6 +454,10 @@ def _add_adapters(config: TrainConfig, unet, text_encoders) -> None:
     """The LoRA (or DoRA) adapters: on the UNet's `targets`, and on the text encoders' attention if asked for."""
     from peft import LoraConfig
 
+    from .. import runtime
+
+    runtime.ignore_old_torchao()   # Colab's torchao 0.10 makes peft refuse every adapter (runtime.py)
+
     def lora(targets):
         return LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                           target_modules=targets, use_dora=config.use_dora)
