@@ -342,6 +342,10 @@ def _sd_arguments(p, model: str) -> None:
 def plan(args) -> int:
     from . import planner
 
+    if args.train:   # a QLoRA fine-tune of LLaVA (helpers.training.llava)
+        print(planner.describe_llava_training(planner.llava_training(args.model, args.gpu, tokens=args.tokens,
+                                                                     rank=args.rank), args.model))
+        return 0
     print(planner.describe(planner.plan(args.model, args.gpu, resolution=args.resolution, batch=args.batch,
                                         quantization=args.quantization)))
     return 0
@@ -497,6 +501,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=positive_int, default=1, help="images at once")
     p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto",
                    help="auto: the planner picks (4-bit where 16-bit does not fit); none: 16-bit routes only")
+    p.add_argument("--train", choices=["qlora"], help="plan a QLoRA fine-tune of a LLaVA model instead (notebook 09)")
+    p.add_argument("--tokens", type=positive_int, default=3184,
+                   help="--train: tokens a sample, image tokens included (LLaVA 1.6 at its full grid: 2,928 for the "
+                        "image; fewer with a lower image budget)")
+    p.add_argument("--rank", type=positive_int, default=8, help="--train: the LoRA rank")
     p = command("bench", help="benchmark models on the same prompts and seeds: speed, VRAM, RAM, CLIP score")
     p.add_argument("--models", nargs="+", default=["sd15", "sdxl"], help="catalogue names, hub ids or folders")
     p.add_argument("--shape-true", action="store_true", help="real-size architectures with random weights: speed and "

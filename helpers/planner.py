@@ -503,6 +503,58 @@ def training_bytes(name: str, optimizer: str = "adamw8bit", resolution: int | No
             + CUDA_OVERHEAD_GIB * GIB)
 
 
+LLAVA_LORA_TARGETS = 7        # q, k, v, o, gate, up, down: the LM's linear layers (helpers.training.llava)
+CHECKPOINTED_LIVE = 18        # bytes a token a hidden unit of the one layer recomputed in backward (attention and MLP
+                              # inputs, outputs and their gradients in 16 bit, with SDPA: no tokens^2 matrix); an
+                              # estimate, to be measured (bench/device_check.py)
+
+
+def llava_training(name: str, gpu: str | runtime.Profile = "t4", tokens: int = LLAVA_IMAGE_TOKENS + 256, rank: int = 8,
+                   optimizer: str = "adamw8bit") -> dict:
+    """The VRAM of a QLoRA fine-tune of LLaVA model `name` (helpers.training.llava: nf4 weights, LoRA of `rank` on
+    the LM's linear layers, gradient checkpointing, batch 1) for samples of `tokens` tokens (image tokens included):
+    {"weights", "lora", "optimizer", "activations", "logits", "overhead", "total"} in bytes, "fits" and "vram"."""
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}.")
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"`tokens` must be a positive whole number (tokens a sample, image tokens included), "
+                         f"not {tokens!r}.")
+    prof = profile(gpu) if isinstance(gpu, str) else gpu
+    text = _config(name)["text_config"]
+    hidden, layers, inter = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
+    kv = hidden // text["num_attention_heads"] * (text.get("num_key_value_heads") or text["num_attention_heads"])
+    # LoRA A and B of every targeted Linear: rank x (in + out), fp32
+    per_layer = rank * ((hidden + hidden) * 2 + (hidden + kv) * 2 + (hidden + inter) * 3)
+    lora = layers * per_layer * 4
+    parts = {
+        "weights": sum(weights(name, "float16", "4bit").values()),
+        "lora": float(lora), "optimizer": float(lora / 4 * OPTIMIZER_BYTES[optimizer]),
+        "gradients": float(lora),
+        # checkpointing keeps each layer's input (16 bit), and one layer's working set is live in backward
+        "activations": float(layers * tokens * hidden * 2 + CHECKPOINTED_LIVE * tokens * max(hidden, inter)),
+        "logits": float(tokens * text["vocab_size"] * 4 * 2),   # fp32 logits and their gradient, for the loss
+        "overhead": CUDA_OVERHEAD_GIB * GIB,
+    }
+    total = sum(parts.values())
+    return {**parts, "total": total, "vram": prof.vram_gb * GIB, "fits": prof.device != "cuda" or
+            total <= prof.vram_gb * GIB, "tokens": tokens, "rank": rank, "gpu": prof.gpu_name or prof.device}
+
+
+def describe_llava_training(plan: dict, name: str) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    parts = ", ".join(f"{k} {gib(plan[k])}" for k in ("weights", "lora", "gradients", "optimizer", "activations",
+                                                      "logits", "overhead"))
+    verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
+    lines = [f"{name}, QLoRA fine-tune (nf4, LoRA rank {plan['rank']}, gradient checkpointing, batch 1), "
+             f"{plan['tokens']} tokens a sample, on {plan['gpu']}: {verdict}",
+             f"{parts}", f"VRAM peak {gib(plan['total'])} of {gib(plan['vram'])}" if plan["vram"] else
+             f"total {gib(plan['total'])}"]
+    if not plan["fits"]:
+        lines.append("fix: a lower image budget (fewer tokens a sample: image_max_side in the run's config), a lower "
+                     "rank, or a larger GPU")
+    return "\n".join(lines)
+
+
 # --- RAM while loading -----------------------------------------------------------------------------------------------
 
 def _largest_shard(name: str, comp: str, nbytes: float) -> float:

@@ -311,3 +311,16 @@ def test_cli_plan_takes_a_quantization(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out   # no 16-bit route fits a T4
     assert cli.main(["plan", "sd15", "--gpu", "t4", "--quantization", "4bit"]) == 0
     assert "4-bit nf4 (unet)" in capsys.readouterr().out
+
+
+def test_a_qlora_fine_tune_of_llava_is_planned_by_its_tokens(capsys):
+    small, large = (planner.llava_training("llava-1.6-mistral-7b", "t4", tokens=t) for t in (1200, 3184))
+    assert small["fits"] and large["fits"] and small["total"] < large["total"]   # fewer image tokens, less memory
+    assert large["weights"] == pytest.approx(sum(planner.weights("llava-1.6-mistral-7b", "float16", "4bit").values()))
+    assert large["logits"] == 3184 * 32064 * 8
+    assert not planner.llava_training("llava-1.6-34b", "t4")["fits"]
+    assert cli.main(["plan", "llava-1.6-34b", "--gpu", "t4", "--train", "qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "QLoRA fine-tune" in out and "DOES NOT FIT" in out and "a lower image budget" in out
+    with pytest.raises(ValueError, match="`tokens` must be a positive whole number"):
+        planner.llava_training("llava-1.6-mistral-7b", "t4", tokens=0)

@@ -33,6 +33,7 @@ from .losses import append_loss, plot_losses, read_losses, write_losses
 IGNORE = -100   # the label of a token that is not trained on (transformers' loss skips it)
 # the language model's linear layers (Mistral, Llama/Vicuna, Yi): never the vision tower's q/k/v/out_proj
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PLANNED_TEXT_TOKENS = 512   # the text of a sample as planned before loading (a long conversation: its turns)
 SHAPING_FIELDS = ("base_model", "rank", "alpha", "train_projector", "quantization")
 ADAPTER_DIR = "adapter"
 CONFIG_NAME = "config.json"
@@ -407,6 +408,17 @@ def _train_llava(config: LlavaTrainConfig, stop_after: int | None, progress: boo
     settings = {**shaping, "run_id": run_id(run_dir)}
     set_seed(config.seed)
 
+    if profile.device == "cuda":   # planned before GBs load: the largest sample an image at its full grid can make
+        from .. import planner
+
+        try:
+            plan = planner.llava_training(config.base_model, profile, rank=config.rank,
+                                          tokens=planner.LLAVA_IMAGE_TOKENS + PLANNED_TEXT_TOKENS)
+        except planner.PlanUnavailable as e:
+            print(f"{e} Training without a memory plan.")
+        else:
+            if not plan["fits"]:
+                raise ValueError(planner.describe_llava_training(plan, config.base_model).replace("\n", "; "))
     model, processor = loading.load_llava(config.base_model, quantization=quantization, profile=profile)
     folder, side = config.image_folder, config.image_max_side
     print(describe_budget(processor, side))
