@@ -227,6 +227,29 @@ def atomic_write(path, data: bytes | str, encoding: str = "utf-8") -> Path:
     return write_with_fallback(path, lambda target: _write_once(target, data, encoding))
 
 
+def write_folder(target, write, what: str) -> Path:
+    """A folder written whole or not at all: `write(staging)` fills a hidden staging folder beside `target`, which
+    then replaces `target`. A failed write leaves the old folder as it was, and a full disk or a gone Drive is one
+    WriteFailed line naming `what`."""
+    import shutil
+
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write(staging)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_write_failure(e):
+            raise
+        raise cannot_write(what, staging, e) from e
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    fsync_dir(target.parent)
+    return target
+
+
 def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable where the file system allows it (not on every FUSE mount, such as Drive)."""
     with contextlib.suppress(OSError):

@@ -532,23 +532,11 @@ def _train_llava(config: LlavaTrainConfig, stop_after: int | None, progress: boo
 def save_adapter(model, target: Path, card: str) -> Path:
     """The peft adapter (adapter_model.safetensors + adapter_config.json) and its README.md model card, written into
     a staging folder that replaces `target` once complete."""
-    import shutil
-
-    target = Path(target)
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(str(staging), safe_serialization=True)
         (staging / "README.md").write_text(card, encoding="utf-8")
-    except Exception as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not storage.is_write_failure(e):
-            raise
-        raise storage.cannot_write("the adapter", staging, e) from e
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
+
+    return storage.write_folder(target, write, "the adapter")
 
 
 def model_card(config: LlavaTrainConfig, base_source: str, result: LlavaTrainResult, records,

@@ -185,7 +185,9 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
     # the frozen weights in half precision where training runs in it; the trained weights stay in fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
-    pipe = loading.load_sd(base_model, dtype=weight_dtype, profile=profile)
+    # fast=False: the fast path's fused QKV projections bypass to_q/to_k/to_v, so the LoRA on them would get no
+    # gradient (on CUDA, where the fast path is on by default)
+    pipe = loading.load_sd(base_model, dtype=weight_dtype, profile=profile, fast=False)
     pipe.to(accelerator.device)
     family = FAMILY_OF_PIPELINE.get(type(pipe).__name__)
     if family is None:
@@ -501,27 +503,13 @@ def _export_lora(accelerator, unet, encoders, config, family, run_dir: Path, ste
 def _export_full(accelerator, pipe, unet, config, family, run_dir: Path, step: int, weight_dtype) -> Path | None:
     """The fine-tuned pipeline as a diffusers folder (run_dir/model, safetensors, the UNet in the run's 16-bit dtype
     on a GPU) and as one A1111/ComfyUI checkpoint (run_dir/<trigger or run name>.safetensors)."""
-    import shutil
-
-    from .. import storage
-
     pipe.unet = accelerator.unwrap_model(unet)
     if pipe.unet.dtype != weight_dtype:
         pipe.unet.to(weight_dtype)   # half the size on Drive; the single file is fp16 anyway
     pipe.unet.disable_gradient_checkpointing()
-    target, staging = run_dir / "model", run_dir / ".model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-    except Exception as e:   # a full disk: the last checkpoint is whole, and a rerun exports without training
-        shutil.rmtree(staging, ignore_errors=True)
-        if not storage.is_write_failure(e):
-            raise
-        raise storage.cannot_write("the fine-tuned model", staging, e) from e
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    storage.fsync_dir(run_dir)
+    # on a full disk the last checkpoint is whole, and a rerun exports without training
+    target = storage.write_folder(run_dir / "model", lambda folder: pipe.save_pretrained(folder, safe_serialization=True),
+                                  "the fine-tuned model")
     try:
         from .single_file import save_single_file
     except ImportError as e:  # written by another part of issue 5; the diffusers folder is complete without it
