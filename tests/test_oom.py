@@ -168,6 +168,9 @@ class FlakyImg2Img:
     def set_progress_bar_config(self, **kwargs):
         self.pipe.set_progress_bar_config(**kwargs)
 
+    def __getattr__(self, name):   # vae_scale_factor and the rest: the real pipeline's
+        return getattr(self.pipe, name)
+
     def __call__(self, **kwargs):
         self.sizes.append(kwargs["image"].size)
         if len(self.sizes) == 1:
@@ -176,7 +179,8 @@ class FlakyImg2Img:
 
 
 def test_the_hires_pass_climbs_the_ladder_too(sd, failing, monkeypatch, capsys):
-    whole = gen(sd, width=48, height=64, hires_scale=1.5, hires_strength=0.5)
+    # the image upscaler: the hires pass's img2img gets an image whose size the stub records
+    whole = gen(sd, width=48, height=64, hires_scale=1.5, hires_strength=0.5, hires_upscaler="Lanczos")
     real_task_pipeline = diffusion.task_pipeline
     flaky = []
 
@@ -187,7 +191,7 @@ def test_the_hires_pass_climbs_the_ladder_too(sd, failing, monkeypatch, capsys):
         return flaky[-1]
 
     monkeypatch.setattr(diffusion, "task_pipeline", task_pipeline)
-    again = gen(sd, width=48, height=64, hires_scale=1.5, hires_strength=0.5)
+    again = gen(sd, width=48, height=64, hires_scale=1.5, hires_strength=0.5, hires_upscaler="Lanczos")
     assert flaky[0].sizes == [(72, 96), (72, 96)]   # the same size again, now with VAE slicing and tiling
     assert "Out of GPU memory: trying again with VAE slicing and tiling" in capsys.readouterr().out
     assert again.images[0].size == (72, 96)
