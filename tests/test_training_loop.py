@@ -362,3 +362,21 @@ def test_out_of_memory_while_training_stops_with_what_to_change(dataset, tmp_pat
     assert f"The last checkpoint, {tmp_path / 'checkpoint-2'}, is kept" in str(caught.value)
     assert "gradient_checkpointing=True" in str(caught.value)
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_frozen_text_encoders_encode_each_caption_once(dataset, tmp_path, monkeypatch):
+    """diffusers' --pre_compute_text_embeddings, lazily: three captions, six steps, three encodings."""
+    from helpers.training import losses
+
+    encoded, real = [], losses.encode_prompts
+
+    def counting(captions, *args):
+        encoded.extend(captions)
+        return real(captions, *args)
+
+    monkeypatch.setattr(losses, "encode_prompts", counting)
+    loop.train_lora(config(dataset, tmp_path / "frozen", flip_p=0.0), progress=False)
+    assert sorted(encoded) == sorted(set(encoded)) and len(encoded) == 3
+    encoded.clear()
+    loop.train_lora(config(dataset, tmp_path / "trained", train_text_encoder=True, max_train_steps=2), progress=False)
+    assert len(encoded) == 2   # a trained text encoder encodes every batch again (batch 1, two steps)

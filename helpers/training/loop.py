@@ -18,7 +18,7 @@ from .. import smoke, storage
 from .checkpoints import (check_resumable, checkpoint_bytes, checkpoints, run_id, save_checkpoint, save_trained_only,
                           saved_losses, start_run, strangers)
 from .config import METHODS, TARGETS, TrainConfig  # noqa: F401 (TrainConfig stays importable from here)
-from .losses import append_loss, plot_losses, read_losses, write_losses
+from .losses import TextCache, append_loss, plot_losses, prefetch_plotting, read_losses, write_losses
 from .losses import loss as _loss
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -187,6 +187,8 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
 
     # fast=False: the fast path's fused QKV projections bypass to_q/to_k/to_v, so the LoRA on them would get no
     # gradient (on CUDA, where the fast path is on by default)
+    if main:
+        prefetch_plotting()   # loss.png's matplotlib, imported while the model loads (losses.py)
     pipe = loading.load_sd(base_model, dtype=weight_dtype, profile=profile, fast=False)
     pipe.to(accelerator.device)
     family = FAMILY_OF_PIPELINE.get(type(pipe).__name__)
@@ -253,6 +255,7 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
     encoders = prepared[1:] if config.train_text_encoder else text_encoders
     for model in prepared:
         model.train()
+    text_cache = None if config.train_text_encoder else TextCache()   # frozen encoders: each caption once
     latents = _cache_latents(vae, [dataset] + ([class_dataset] if class_dataset else []), config.seed,
                              accelerator.device) if config.cache_latents else None
     step, resumed_from = 0, None
@@ -299,7 +302,7 @@ def _train_lora(config: TrainConfig, stop_after: int | None, progress: bool) -> 
                     batch["latents"] = torch.stack([latents[path] for path in batch["paths"]])
                 with accelerator.accumulate(*prepared):
                     loss = _loss(batch, unet, vae, encoders, tokenizers, noise_scheduler, config, accelerator.device,
-                                 prior=class_dataset is not None)
+                                 prior=class_dataset is not None, text_cache=text_cache)
                     mean_loss = accelerator.reduce(loss.detach().clone(), "mean").item()  # over the processes
                     if not torch.isfinite(torch.tensor(mean_loss)):
                         raise _nan_error(f"The loss became {mean_loss} at step {step + 1}", run_dir, lr_scheduler,

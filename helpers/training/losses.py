@@ -29,6 +29,32 @@ def encode_prompts(captions: list[str], text_encoders, tokenizers, device):
     return torch.cat(states, dim=-1), pooled
 
 
+class TextCache:
+    """The text embeddings of each caption, computed once where the text encoders are frozen: diffusers'
+    `--pre_compute_text_embeddings`, done lazily (a caption is encoded the first time a batch holds it), so shuffled
+    or dropped captions still work. At most `limit` captions are kept (then it starts again)."""
+
+    def __init__(self, limit: int = 512):
+        self.limit, self.store, self.encoded = limit, {}, 0
+
+    def encode(self, captions: list[str], text_encoders, tokenizers, device):
+        import torch
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self.store]
+        if missing:
+            if len(self.store) + len(missing) > self.limit:
+                self.store.clear()
+                missing = list(dict.fromkeys(captions))
+            with torch.no_grad():
+                hidden, pooled = encode_prompts(missing, text_encoders, tokenizers, device)
+            self.encoded += len(missing)
+            for i, caption in enumerate(missing):
+                self.store[caption] = (hidden[i], None if pooled is None else pooled[i])
+        rows = [self.store[c] for c in captions]
+        return (torch.stack([h for h, _ in rows]),
+                None if rows[0][1] is None else torch.stack([p for _, p in rows]))
+
+
 def time_ids(batch, device, dtype):
     """SDXL's micro-conditioning, one row per example: original (height, width), crop (top, left) and the target
     (height, width), which is the example's bucket."""
@@ -44,10 +70,12 @@ def snr(scheduler, timesteps):
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
-def loss(batch, unet, vae, text_encoders, tokenizers, noise_scheduler, config, device, prior: bool = False):
+def loss(batch, unet, vae, text_encoders, tokenizers, noise_scheduler, config, device, prior: bool = False,
+         text_cache: TextCache | None = None):
     """The noise-prediction loss of one batch (epsilon or v-prediction, as the model was trained), with noise
     offset and min-SNR weighting when asked for. With `prior`, the second half of the batch holds class images:
-    their loss, times prior_loss_weight, is added (DreamBooth's prior preservation). Two text encoders: SDXL."""
+    their loss, times prior_loss_weight, is added (DreamBooth's prior preservation). Two text encoders: SDXL.
+    `text_cache`: frozen text encoders' embeddings, each caption encoded once (TextCache)."""
     import torch
     import torch.nn.functional as F
 
@@ -57,8 +85,11 @@ def loss(batch, unet, vae, text_encoders, tokenizers, noise_scheduler, config, d
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-    with torch.set_grad_enabled(config.train_text_encoder):
-        encoder_hidden_states, pooled = encode_prompts(batch["captions"], text_encoders, tokenizers, device)
+    if text_cache is not None and not config.train_text_encoder:
+        encoder_hidden_states, pooled = text_cache.encode(batch["captions"], text_encoders, tokenizers, device)
+    else:
+        with torch.set_grad_enabled(config.train_text_encoder):
+            encoder_hidden_states, pooled = encode_prompts(batch["captions"], text_encoders, tokenizers, device)
     noise = torch.randn_like(latents)
     if config.noise_offset:
         noise += config.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
@@ -144,6 +175,20 @@ def append_loss(run_dir: Path, step: int, value: float) -> bool:
                 return False
             time.sleep(delay)
     return False
+
+
+def prefetch_plotting() -> None:
+    """Import matplotlib in a background thread (about 0.5 s, most of a short run's fixed cost) while the model
+    loads and trains, so that loss.png at the end does not wait for it."""
+    import threading
+
+    def load():
+        try:
+            import matplotlib.figure  # noqa: F401
+        except Exception:   # plot_losses says what went wrong, later, in the caller's thread
+            pass
+
+    threading.Thread(target=load, daemon=True, name="import-matplotlib").start()
 
 
 def plot_losses(run_dir: Path, values: list[float]) -> Path:
