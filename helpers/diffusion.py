@@ -7,6 +7,7 @@ DPM++ 2M + Automatic), reads A1111's prompt syntax (weighting, BREAK and prompts
 pipeline from the loaded one with `from_pipe` (no second copy of the weights), catches NaN/black fp16 output, and
 returns the images with the A1111 "parameters" text of each, ready for `save`.
 """
+import inspect
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,8 @@ def generate(pipe, prompt: str, negative_prompt: str = "", num_inference_steps: 
             **_scheduled_prompt_kwargs(work, family, text, negative_prompt, clip_skip, denoising_steps)}
     if task == "img2img":
         call.update(image=image.resize((width, height)), strength=strength)
-        del call["width"], call["height"]
+        if "width" not in inspect.signature(type(work).__call__).parameters:  # SD's take the image's size; FLUX's,
+            del call["width"], call["height"]                                 # its default (1024) unless told
     if task == "inpaint":
         inpaint = _prepare_inpaint(image, mask_image, (width, height), mask_blur, invert_mask, inpaint_area, padding)
         call.update(image=inpaint["image"], mask_image=inpaint["mask"], strength=strength)

@@ -135,6 +135,15 @@ def test_other_families_generate(name):
     assert f"Model: {name}" in result.parameters[0]
 
 
+@pytest.mark.parametrize("name", ["sd15", "sd3-medium", "flux-schnell"])
+def test_img2img_keeps_the_size_of_its_image_in_every_family(name):
+    """SD's img2img pipelines take the image's size; FLUX's and SD3's paint at their default (1024 px) unless given
+    a width and height, which generate passes."""
+    result = gen(loading.load_sd(name), image=Image.new("RGB", (64, 48), (200, 30, 30)), strength=0.6, width=None,
+                 height=None)   # the size of the image
+    assert result.images[0].size == (64, 48)
+
+
 # --- inpainting ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
