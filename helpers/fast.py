@@ -8,7 +8,8 @@
                                        NOT the same image (a quality trade, said when it is switched on)
 
 SDPA attention is torch's default already. Without compile and the cache the image is the plain call's within fp
-rounding (tests/test_fast.py); quantized (bitsandbytes) parts are left unfused.
+rounding (tests/test_fast.py); quantized (bitsandbytes) parts are left unfused. Fused QKV projections bypass a
+LoRA on to_q/to_k/to_v, so loading a LoRA undoes the fusion first (unfuse, helpers.lora).
 """
 STEP_CACHE_THRESHOLD = 0.2   # FirstBlockCacheConfig's threshold: diffusers' documented example value for FLUX
 STEP_CACHE_CAVEAT = ("Step cache on: steps whose first block changes less than {:.0%} reuse the last output. Faster, "
@@ -59,3 +60,17 @@ def speed_up(pipe, compile: bool = False, step_cache: bool = False) -> list[str]
               "faster.")
     pipe._helpers_fast = done
     return done
+
+
+def unfuse(pipe) -> bool:
+    """Undo the fused QKV projections of `pipe` (a LoRA on to_q/to_k/to_v is bypassed by them: diffusers' fused
+    processors call to_qkv). Returns whether there was anything to undo."""
+    done = getattr(pipe, "_helpers_fast", None)
+    if not done or "fused QKV" not in done:
+        return False
+    for name in ("unet", "transformer", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None and hasattr(module, "unfuse_qkv_projections"):
+            module.unfuse_qkv_projections()
+    done.remove("fused QKV")
+    return True

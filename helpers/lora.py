@@ -175,6 +175,10 @@ def load_lora(pipe, source: str, scale: float = 1.0, name: str | None = None, al
     name = name or adapter_name(path, taken=loras)
     weight_name = path.name if path.is_file() else None
     runtime.ignore_old_torchao()   # Colab's torchao 0.10 makes peft refuse every LoRA (runtime.py)
+    from .fast import unfuse
+
+    if unfuse(pipe):   # fused QKV would bypass the LoRA's q, k and v (helpers/fast.py)
+        print("Fast path: the fused QKV projections are undone, so that the LoRA applies to q, k and v.")
     pipe.load_lora_weights(str(path.parent if path.is_file() else path), weight_name=weight_name, adapter_name=name)
     loras[name] = scale
     pipe._helpers_loras = loras

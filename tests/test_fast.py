@@ -38,3 +38,20 @@ def test_the_step_cache_is_for_transformers_and_says_what_it_costs(capsys):
         fast.speed_up(loading.load_sd("sd15", fast=False), step_cache=True)
     with pytest.raises(ValueError, match="part of the fast path, and fast=False"):
         loading.load_sd("sd15", fast=False, compile=True)
+
+
+def test_a_lora_on_the_fast_path_paints_what_it_paints_on_the_plain_one(tmp_path, capsys):
+    """Fused QKV bypasses a LoRA on to_q/to_k/to_v (diffusers' fused processors call to_qkv): loading one undoes the
+    fusion, so the LoRA changes the image as much as on the plain pipeline."""
+    from helpers import lora
+    from test_lora import make_lora
+
+    path = make_lora("sd15", tmp_path)
+    plain, quick = loading.load_sd("sd15", fast=False), loading.load_sd("sd15", fast=True)
+    before = image(plain)
+    lora.load_lora(plain, str(path), scale=1.0)
+    lora.load_lora(quick, str(path), scale=1.0)
+    assert "fused QKV projections are undone" in capsys.readouterr().out and "fused QKV" not in quick._helpers_fast
+    with_lora = image(plain)
+    assert np.abs(with_lora - before).mean() > 2   # the LoRA does change the image
+    assert np.abs(image(quick) - with_lora).mean() < 2
