@@ -177,3 +177,109 @@ def test_benchmark_panel_runs_the_harness_and_shows_table_plots_grids(tmp_path, 
     panel.models.value = ()
     panel.run_button.click()
     assert "`models` is empty" in panel.status.value
+
+
+# --- what a person sees: images that fit, busy buttons, close(), the chat's turns, the paint canvas -------------------
+
+def test_chat_panel_shows_the_sessions_turns_with_thumbnails(llava):
+    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=2))
+    session.send("What is shown?", images=[Image.open(io.BytesIO(png_bytes()))])
+    panel = widgets.ChatPanel(session)   # a panel made after the turns
+    assert "What is shown?" in panel.history.value and panel.history.value.count("data:image/png;base64,") == 1
+    assert "tokens]" in panel.history.value
+
+
+def test_panels_disable_the_button_while_working_and_fit_images(sd, monkeypatch):
+    from helpers import diffusion
+
+    panel = widgets.GeneratePanel(sd, save=False)
+    seen = []
+    real = diffusion.generate
+
+    def spy(*args, **kwargs):
+        seen.append(panel.generate_button.disabled)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "generate", spy)
+    panel.prompt.value, panel.steps.value, panel.seed.value = "a cat", 2, 1
+    panel.generate_button.click()
+    assert seen == [True] and not panel.generate_button.disabled
+    (shown,) = panel.gallery.children
+    assert (shown.layout.width, shown.layout.max_width) == ("64px", "100%")  # natural size, never wider than the panel
+    assert panel.output in panel.children and panel.seed.style.description_width == "initial"
+
+
+def test_close_lets_go_of_the_model_and_a_click_after_says_so(sd, llava):
+    panel = widgets.GeneratePanel(sd, save=False)
+    panel.close()
+    assert panel.pipe is None and "closed" in panel.status.value
+    panel.status.value = ""
+    panel.prompt.value = "a cat"
+    panel.generate_button.click()
+    assert "closed" in panel.status.value and panel.result is None
+    chat = widgets.ChatPanel(vlm.ChatSession(*llava))
+    chat.close()
+    chat.send_button.click()
+    assert chat.session is None and "closed" in chat.status.value
+
+
+def _stroke_png(size=(64, 64), line=((10, 20), (50, 20)), width=6) -> str:
+    """What the canvas sends: a base64 PNG, white where painted on black."""
+    import base64
+
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", size, "black")
+    ImageDraw.Draw(im).line(line, fill="white", width=width)
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_painted_mask_is_where_the_stroke_was_and_inpaints(tmp_path, monkeypatch):
+    monkeypatch.setenv("HELPERS_HOME", str(tmp_path))
+    pipe = loading.load_sd("sd15-inpaint", task="inpaint")
+    pipe.set_progress_bar_config(disable=True)
+    photo = Image.open(io.BytesIO(png_bytes(64, 64))).convert("RGB")
+    panel = widgets.InpaintPanel(pipe, image=photo, model_name="sd15-inpaint")
+    assert panel.canvas is not None and (panel.canvas.image_width, panel.canvas.image_height) == (64, 64)
+    before = panel.preview.value
+    panel.canvas.mask = _stroke_png()
+    assert panel.mask_source.value == "paint" and panel.preview.value != before
+    mask = np.asarray(panel.mask())
+    assert mask.shape == (64, 64) and panel.mask().mode == "L"
+    ys, xs = np.nonzero(mask > 127)
+    assert (xs.min(), xs.max()) == (10, 50) and 16 <= ys.min() <= ys.max() <= 24   # the stroke, nothing else
+    panel.prompt.value, panel.seed.value = "a red car", 3
+    panel.inpaint_button.click()
+    assert "saved" in panel.status.value and panel.result.images[0].size == (64, 64)
+    result, original = np.asarray(panel.result.images[0]), np.asarray(photo)
+    assert (result[40:] == original[40:]).all()   # paste-back: far from the (feathered) stroke nothing changed
+    panel.canvas.invert()
+    assert np.asarray(panel.mask())[40:].min() == 255
+    panel.canvas.clear()
+    panel.inpaint_button.click()
+    assert "all black" in panel.status.value
+
+
+def test_painted_mask_of_another_size_is_scaled_to_the_image():
+    from helpers import canvas
+
+    board = canvas.MaskCanvas(Image.new("RGB", (64, 32)))
+    board.mask = _stroke_png(size=(128, 64), line=((0, 0), (127, 0)), width=2)
+    assert board.mask_image().size == (64, 32)
+    board.mask = "not a png"
+    with pytest.raises(ValueError, match="not a base64 PNG"):
+        board.mask_image()
+
+
+def test_inpaint_panel_without_a_canvas_says_so_and_keeps_shapes(monkeypatch):
+    from helpers import canvas
+
+    monkeypatch.setattr(canvas, "available", lambda: False)
+    photo = Image.open(io.BytesIO(png_bytes(64, 64))).convert("RGB")
+    panel = widgets.InpaintPanel(None, image=photo)
+    assert panel.canvas is None
+    assert any("anywidget" in getattr(child, "value", "") for child in panel.children)
+    panel.shape.value = "rectangle"
+    assert np.asarray(panel.mask()).max() == 255 and panel.mask_source.value == "shape"
