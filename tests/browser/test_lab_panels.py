@@ -4,6 +4,8 @@ import re
 
 import nbformat
 import pytest
+from lab_fixtures import chromium, lab, screenshots  # noqa: F401 (fixtures: a conftest.py here would shadow
+#                                                   tests/conftest.py, which the other tests import by name)
 
 pytestmark = pytest.mark.browser
 
