@@ -382,9 +382,14 @@ def generate_instructions(folder, lm, out=None, kinds=KINDS, per_image: int = 1,
                     bar.update(1)
                     if record is None:
                         continue
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())   # on disk before the next one is made: a kill loses none
+                    try:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())   # on disk before the next one is made: a kill loses none
+                    except Exception as e:   # a full disk or a gone Drive: the records before are whole, and a
+                        if not storage.is_write_failure(e):   # rerun drops a cut last line and goes on
+                            raise
+                        raise storage.cannot_write(f"instruction record {report.written + 1}", out, e) from e
                     report.written += 1
     bar.close()
     return report
