@@ -28,7 +28,10 @@ def available() -> bool:
     return _Base is not None and importlib.util.find_spec("anywidget") is not None
 
 
+DISPLAY = 512   # the canvas's longer side on the page, in CSS pixels
+
 _ESM = r"""
+const DISPLAY = %d;
 function render({ model, el }) {
   const root = document.createElement("div");
   root.className = "helpers-mask";
@@ -66,7 +69,10 @@ function render({ model, el }) {
 
   function layout() {
     canvas.width = model.get("image_width"); canvas.height = model.get("image_height");
-    stage.style.width = canvas.width + "px";   // natural size at most; CSS max-width keeps it inside the panel
+    // shown with its longer side DISPLAY px, a small image enlarged to paint on and a large one fitted (the canvas
+    // keeps the image's own pixels); CSS max-width keeps it inside the panel
+    const scale = DISPLAY / Math.max(canvas.width, canvas.height, 1);
+    stage.style.width = Math.round(canvas.width * scale) + "px";
     history = [];
   }
   function tools() {
@@ -163,7 +169,7 @@ function render({ model, el }) {
   model.save_changes();
 }
 export default { render };
-"""
+""" % DISPLAY
 
 _CSS = """
 .helpers-mask-bar { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin-bottom: 4px; }

@@ -39,6 +39,7 @@ def _error(e: Exception) -> str:
 
 
 CLOSED = "This panel was closed and let go of its model. Load the model again and run the panel's cell for a new one."
+WORKING = "<p style='color:#666'>working...</p>"
 STYLE = {"description_width": "initial"}   # labels shown whole, never cut
 
 
@@ -80,9 +81,14 @@ class _Panel(w.VBox):
     _buttons: tuple = ()
 
     def _start(self, children, buttons) -> None:
+        """Lay out `children` (top to bottom; `self.output` among them, right under the buttons, where the person
+        who pressed one is looking); `buttons` are disabled while the panel works."""
         self._buttons = tuple(buttons)
+        super().__init__(list(children))
+
+    def _new_output(self) -> w.Output:
         self.output = w.Output(layout=w.Layout(max_height="300px", overflow="auto"))
-        super().__init__([*children, self.output])
+        return self.output
 
     def _work(self, action) -> None:
         """Run `action` with the buttons disabled and what it prints (progress bars too) in the panel's output."""
@@ -92,10 +98,13 @@ class _Panel(w.VBox):
         for button in self._buttons:
             button.disabled = True
         self.output.clear_output()
+        self.status.value = WORKING   # each action puts its own outcome here
         try:
             with self.output:   # in a kernel an unexpected error's traceback lands here too, not in a hidden console
                 action()
         finally:
+            if self.status.value == WORKING:
+                self.status.value = ""
             for button in self._buttons:
                 button.disabled = False
 
@@ -133,7 +142,8 @@ class ChatPanel(_Panel):
         self.reset_button.on_click(lambda _: self._work(lambda: self._do(self.session.reset)))
         self.export_button.on_click(lambda _: self._work(self.export))
         buttons = (self.send_button, self.undo_button, self.reset_button, self.export_button)
-        self._start([self.history, self.upload, self.question, _row(*buttons), self.status], buttons)
+        self._start([self.history, self.upload, self.question, _row(*buttons), self._new_output(), self.status],
+                    buttons)
         self._render()
 
     def _release(self) -> None:
@@ -204,8 +214,8 @@ class CaptionPanel(_Panel):
         self.status = w.HTML()
         self.review = ReviewGrid()
         self.run_button.on_click(lambda _: self._work(self.run))
-        self._start([self.folder, _row(self.style, self.trigger), self.overwrite, self.run_button, self.status,
-                     self.review], [self.run_button])
+        self._start([self.folder, _row(self.style, self.trigger), self.overwrite, self.run_button,
+                     self._new_output(), self.status, self.review], [self.run_button])
 
     def _release(self) -> None:
         self.model = self.processor = None
@@ -265,7 +275,8 @@ class ReasoningPanel(_Panel):
         self.result = w.HTML()
         self.status = self.result
         self.run_button.on_click(lambda _: self._work(self.run))
-        self._start([self.upload, self.question, self.choices, self.run_button, self.result], [self.run_button])
+        self._start([self.upload, self.question, self.choices, self.run_button, self._new_output(), self.result],
+                    [self.run_button])
 
     def _release(self) -> None:
         self.model = self.processor = None
@@ -321,7 +332,8 @@ class GeneratePanel(_Panel):
         self._start([self.prompt, self.negative, _row(self.sampler, self.schedule_type),
                      _row(self.steps, self.cfg), _row(self.width, self.height), _row(self.batch_size, self.batch_count),
                      _row(self.lora_source, self.lora_scale, self.add_lora_button),
-                     _row(self.seed, self.generate_button, self.save), self.status, self.gallery],
+                     _row(self.seed, self.generate_button, self.save), self._new_output(), self.status,
+                     self.gallery],
                     [self.generate_button, self.add_lora_button])
 
     def _release(self) -> None:
@@ -395,13 +407,15 @@ class InpaintPanel(_Panel):
         self.image_upload.observe(lambda _: self._take_uploads(), names="value")
         self.mask_upload.observe(lambda _: self._take_uploads(), names="value")
         self.inpaint_button.on_click(lambda _: self._work(self.inpaint))
-        painting = [self.canvas] if self.canvas is not None else []
-        self._start([_row(self.image_upload, self.mask_upload), self.mask_source, *painting, canvas_note,
+        preview = w.VBox([w.HTML("<b>Area to repaint</b> (red)"), self.preview], layout=w.Layout(margin="0 0 0 12px"))
+        shown = preview
+        if self.canvas is not None:   # side by side where there is room, tops aligned
+            shown = w.HBox([self.canvas, preview], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        self._start([_row(self.image_upload, self.mask_upload), self.mask_source, shown, canvas_note,
                      _row(self.shape, self.invert), _row(self.x, self.y), _row(self.mask_width, self.mask_height),
-                     _row(self.blur, self.padding, self.only_masked),
-                     w.HTML("<b>Area to repaint</b> (red)"), self.preview, self.prompt,
-                     _row(self.strength, self.seed, self.inpaint_button), self.status, self.gallery],
-                    [self.inpaint_button])
+                     _row(self.blur, self.padding, self.only_masked), self.prompt,
+                     _row(self.strength, self.seed, self.inpaint_button), self._new_output(), self.status,
+                     self.gallery], [self.inpaint_button])
         self.update_preview()
 
     def _make_canvas(self):
@@ -410,7 +424,7 @@ class InpaintPanel(_Panel):
 
         if not canvas.available():
             return None, w.HTML(f"<p>{html.escape(canvas.UNAVAILABLE)}</p>")
-        board = canvas.MaskCanvas(self.image)
+        board = canvas.MaskCanvas(self.image, layout=w.Layout(max_width="100%"))
         board.observe(lambda _: self._use("paint"), names="mask")
         board.observe(lambda _: self.update_preview(), names="mask")
         return board, canvas.fallback_note(board)
@@ -506,7 +520,8 @@ class BenchmarkPanel(_Panel):
         self.status = w.HTML()
         self.run_button.on_click(lambda _: self._work(self.run))
         self._start([_row(self.models, w.VBox([self.steps, self.size, self.seed])), self.prompts,
-                     _row(self.shape_true, self.quality), self.run_button, self.status, self.table,
+                     _row(self.shape_true, self.quality), self.run_button, self._new_output(), self.status,
+                     self.table,
                      self.plots, self.grids], [self.run_button])
 
     def settings(self) -> list[dict]:
@@ -518,7 +533,6 @@ class BenchmarkPanel(_Panel):
         from .bench import report
 
         prompts = [line.strip() for line in self.prompts.value.splitlines() if line.strip()] or None
-        self.status.value = "<p>running...</p>"
         try:
             self.result = bench.run_benchmark(list(self.models.value), prompts=prompts, seed=self.seed.value,
                                               settings=self.settings(), shape_true=self.shape_true.value,
