@@ -156,19 +156,21 @@ class ChatPanel(_Panel):
             self._thumbs[id(image)] = (image, "data:image/png;base64," + base64.b64encode(png).decode())
         return self._thumbs[id(image)][1]
 
-    def _render(self, streaming: str = "") -> None:
+    def _render(self, asking: tuple = (), streaming: str = "") -> None:
+        """The session's turns; while an answer streams in, the question asked (with its images) and the answer so
+        far under them."""
+        turns = [("You" if turn.role == "user" else "LLaVA", turn.text, turn.images) for turn in self.session.turns]
+        if asking:
+            turns += [("You", *asking), ("LLaVA", streaming, [])]
         rows = []
-        for turn in self.session.turns:
-            who = "You" if turn.role == "user" else "LLaVA"
+        for who, text, images in turns:
             shown = "".join(
                 f"<figure style='display:inline-block;margin:2px 6px 2px 0;text-align:center'>"
                 f"<img src='{self._thumb(im)}' style='max-width:96px;max-height:96px'>"
                 f"<figcaption style='font-size:smaller'>[image: {self.session.image_tokens(im)} tokens]</figcaption>"
-                f"</figure>" for im in turn.images)
+                f"</figure>" for im in images)
             rows.append(f"<div>{shown}</div>" if shown else "")
-            rows.append(f"<p><b>{who}:</b> {html.escape(turn.text)}</p>")
-        if streaming:
-            rows.append(f"<p><b>LLaVA:</b> {html.escape(streaming)}</p>")
+            rows.append(f"<p><b>{who}:</b> {html.escape(text)}</p>")
         self.history.value = "".join(rows)
 
     def _do(self, action) -> None:
@@ -182,10 +184,10 @@ class ChatPanel(_Panel):
     def send(self) -> None:
         try:
             images = uploaded_images(self.upload.value)
-            answer = ""
+            answer, asking = "", (self.question.value, images)
             for piece in self.session.stream(self.question.value, images=images):
                 answer += piece
-                self._render(streaming=answer)
+                self._render(asking, streaming=answer)
             self.question.value = ""
             _clear_upload(self.upload)
             self.status.value = ""
@@ -411,12 +413,19 @@ class InpaintPanel(_Panel):
         shown = preview
         if self.canvas is not None:   # side by side where there is room, tops aligned
             shown = w.HBox([self.canvas, preview], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        # the shape's controls only while the mask is a shape (a painted or uploaded mask does not use them)
+        self.shape_controls = w.VBox([_row(self.shape), _row(self.x, self.y), _row(self.mask_width, self.mask_height)])
+        self.mask_source.observe(lambda _: self._show_shape_controls(), names="value")
+        self._show_shape_controls()
         self._start([_row(self.image_upload, self.mask_upload), self.mask_source, shown, canvas_note,
-                     _row(self.shape, self.invert), _row(self.x, self.y), _row(self.mask_width, self.mask_height),
-                     _row(self.blur, self.padding, self.only_masked), self.prompt,
+                     self.shape_controls, _row(self.invert, self.only_masked), _row(self.blur, self.padding),
+                     self.prompt,
                      _row(self.strength, self.seed, self.inpaint_button), self._new_output(), self.status,
                      self.gallery], [self.inpaint_button])
         self.update_preview()
+
+    def _show_shape_controls(self) -> None:
+        self.shape_controls.layout.display = "" if self.mask_source.value == "shape" else "none"
 
     def _make_canvas(self):
         """The paint canvas, and a note where painting is not possible here."""

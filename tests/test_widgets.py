@@ -189,6 +189,26 @@ def test_chat_panel_shows_the_sessions_turns_with_thumbnails(llava):
     assert "tokens]" in panel.history.value
 
 
+def test_chat_panel_keeps_the_question_in_view_while_the_answer_streams(llava, monkeypatch):
+    session = vlm.ChatSession(*llava, settings=vlm.GenerationSettings(max_new_tokens=2))
+    panel = widgets.ChatPanel(session)
+    seen = []
+
+    def stream(question, images=()):
+        for piece in ("a ", "cat"):
+            seen.append(panel.history.value)
+            yield piece
+        seen.append(panel.history.value)
+
+    monkeypatch.setattr(session, "stream", stream)
+    panel.upload.value = ({"name": "a.png", "type": "image/png", "size": 1, "content": memoryview(png_bytes()),
+                           "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    panel.question.value = "What is shown?"
+    panel.send_button.click()
+    last = seen[-1]   # after the first piece: the question and its thumbnail, then the answer so far
+    assert last.index("What is shown?") < last.index("LLaVA:</b> a ") and "data:image/png;base64," in last
+
+
 def test_panels_disable_the_button_while_working_and_fit_images(sd, monkeypatch):
     from helpers import diffusion
 
@@ -244,8 +264,10 @@ def test_painted_mask_is_where_the_stroke_was_and_inpaints(tmp_path, monkeypatch
     panel = widgets.InpaintPanel(pipe, image=photo, model_name="sd15-inpaint")
     assert panel.canvas is not None and (panel.canvas.image_width, panel.canvas.image_height) == (64, 64)
     before = panel.preview.value
+    assert panel.shape_controls.layout.display == ""   # a shape at first: its sliders in view
     panel.canvas.mask = _stroke_png()
     assert panel.mask_source.value == "paint" and panel.preview.value != before
+    assert panel.shape_controls.layout.display == "none"   # painting: the shape's sliders out of the way
     mask = np.asarray(panel.mask())
     assert mask.shape == (64, 64) and panel.mask().mode == "L"
     ys, xs = np.nonzero(mask > 127)

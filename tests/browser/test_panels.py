@@ -45,9 +45,9 @@ def _button(panel, name: str):
     return panel.get_by_role("button", name=name, exact=True)
 
 
-def _busy_then_done(page, panel, button, progress=BAR, timeout_s: float = 120) -> None:
-    """Click `button`; while the work runs, its progress shows inside the panel and the button is disabled; then
-    the button is enabled again."""
+def _busy_then_done(page, panel, button, progress=BAR, timeout_s: float = 120, meanwhile=None) -> None:
+    """Click `button`; while the work runs, its progress shows inside the panel and the button is disabled (and
+    `meanwhile()`, where given, holds); then the button is enabled again."""
     from playwright.sync_api import expect
 
     button.click()
@@ -56,6 +56,8 @@ def _busy_then_done(page, panel, button, progress=BAR, timeout_s: float = 120) -
     busy = button.is_disabled()
     text = shown.inner_text()
     unfinished = not re.search(r"(\d+)/\1\s", text) if progress is BAR else True
+    if meanwhile is not None:
+        meanwhile()
     page.shot("running")
     expect(button).to_be_enabled(timeout=timeout_s * 1000)
     assert busy and unfinished, f"no progress seen inside the panel while it ran with the button disabled ({text!r})"
@@ -95,7 +97,13 @@ def test_chat_panel_upload_ask_watch_the_answer_stream_in(notebook, tmp_path):
         panel.locator(".widget-upload").click()
     chooser.value.set_files(str(page.server.root / "photo.png"))
     panel.locator("textarea").fill("What is in the picture?")
-    _busy_then_done(page, panel, _button(panel, "Send"), progress="LLaVA:")   # the answer streams into the panel
+
+    def asked_above_the_answer():   # while the answer streams in, the question and its image stay in view above it
+        text = panel.locator(".widget-html").first.inner_text()
+        assert text.index("You: What is in the picture?") < text.index("LLaVA:"), text
+        assert panel.locator(".widget-html").first.locator("img").count() == 1
+
+    _busy_then_done(page, panel, _button(panel, "Send"), progress="LLaVA:", meanwhile=asked_above_the_answer)
     page.printed(2, r"TURNS 2 \[1, 0\]")
     history = panel.locator(".widget-html").first
     assert "You: What is in the picture?" in history.inner_text()
