@@ -31,6 +31,8 @@ class Frontend:
     prompt: str
     output: str
     kernel_idle: str        # a selector or text seen once the kernel is ready
+    # console errors of the front end itself that do not change what renders: checked, not hidden (see FRONTENDS)
+    known_noise: tuple = ()
 
 
 FRONTENDS = {
@@ -38,7 +40,11 @@ FRONTENDS = {
                     ".jp-InputArea-editor", ".jp-InputPrompt", ".jp-OutputArea-output",
                     "text=Python 3 (ipykernel) | Idle"),
     "notebook": Frontend("Notebook", ("notebook",), "/notebooks/{name}", "#notebook-container .cell",
-                         ".input_area", ".input_prompt", ".output_area", "#kernel_indicator_icon.kernel_idle"),
+                         ".input_area", ".input_prompt", ".output_area", "#kernel_indicator_icon.kernel_idle_icon",
+                         # widgetsnbextension 3.6 logs this once for every widget shown inside an Output widget
+                         # (a progress bar in a panel) and renders it all the same; seen with 3.6.6 on Notebook 6.5.7
+                         # (the tests check that the bar is there)
+                         known_noise=("Host is not attached.",)),
 }
 
 
@@ -166,8 +172,12 @@ class NotebookPage:
         # a fresh workspace each: Lab would otherwise restore the earlier tests' tabs and open this one behind them
         url = self.frontend.url.format(name=f"{name}.ipynb", ws=name)
         self.page.goto(f"{server.base}{url}{'&' if '?' in url else '?'}token={server.token}")
-        self.cell(0).wait_for(timeout=60_000)
-        self.page.locator(self.frontend.kernel_idle).first.wait_for(timeout=60_000)
+        try:
+            self.cell(0).wait_for(timeout=60_000)
+            self.page.locator(self.frontend.kernel_idle).first.wait_for(state="attached", timeout=60_000)
+        except Exception:
+            self.close()   # its screenshot shows where the page stood
+            raise
 
     def cell(self, index: int):
         return self.page.locator(self.frontend.cell).nth(index)
@@ -204,7 +214,8 @@ class NotebookPage:
     def assert_clean(self) -> None:
         """No widget failed to render, nothing went wrong in the page's console."""
         assert self.page.get_by_text("Error displaying widget").count() == 0
-        assert self.errors == [], self.errors
+        errors = [e for e in self.errors if e not in self.frontend.known_noise]
+        assert errors == [], errors
 
     def close(self) -> None:
         self.shot("last")   # where it stood, also on a failure
