@@ -153,7 +153,8 @@ def gather(model: str | None = None) -> Environment:
     profile = runtime.detect_profile()
     env = Environment(profile=profile, model=model, token=bool(get_token()),
                       offline=os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
-                      versions={d: _version(d) for d in SHOWN_VERSIONS + ("xformers", "torchvision")},
+                      versions={d: _version(d) for d in SHOWN_VERSIONS + ("xformers", "torchvision", "notebook",
+                                                                          "widgetsnbextension")},
                       drive_mounted=Path("/content/drive/MyDrive").is_dir(), version_problems=version_problems(),
                       folders=folder_problems())
     env.nvidia_gpu, env.driver_cuda = _nvidia()
@@ -249,6 +250,20 @@ def check_torchvision(env: Environment) -> list[Finding]:
                     "torchvision built for your torch")]
 
 
+def check_widgets_output(env: Environment) -> list[Finding]:
+    notebook, extension = env.versions.get("notebook"), env.versions.get("widgetsnbextension")
+    if not notebook or not extension or _major_minor(notebook)[:1] >= (7,):
+        return []
+    if not (3, 6, 7) <= tuple(int(p) for p in re.findall(r"\d+", extension)[:3]) < (4,):
+        return []
+    return [Finding("widgets-output-notebook6", f"widgetsnbextension {extension} with the classic Notebook "
+                    f"{notebook}: the panels show \"Error displaying widget\"",
+                    "widgetsnbextension 3.6.7 to 3.6.10 cannot create an Output widget in Notebook 6 (the browser "
+                    "console says \"_deserialize_state is not a function\"), and every panel holds one",
+                    "pip install widgetsnbextension==3.6.6, then restart Jupyter and reload the page (or use "
+                    "JupyterLab 4, or ipywidgets 8)")]
+
+
 def check_ram(env: Environment) -> list[Finding]:
     """The weights of `env.model` against system RAM (on Colab free: 12.7 GB), in the precision it will load in."""
     from . import memory, registry
@@ -329,7 +344,8 @@ def check_folders(env: Environment) -> list[Finding]:
 
 CHECKS = {"no-gpu": check_no_gpu, "bf16-on-t4": check_bf16_on_t4, "torch-cuda-mismatch": check_torch_cuda,
           "bitsandbytes-without-cuda": check_bitsandbytes, "xformers-mismatch": check_xformers,
-          "torchvision-broken": check_torchvision, "low-ram": check_ram, "drive-not-mounted": check_drive,
+          "torchvision-broken": check_torchvision, "widgets-output-notebook6": check_widgets_output,
+          "low-ram": check_ram, "drive-not-mounted": check_drive,
           "missing-token": check_token, "versions": check_versions,
           "unusable-folder": check_folders}
 

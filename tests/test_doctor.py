@@ -139,7 +139,8 @@ def test_version_problems_reads_the_installed_package(monkeypatch):
 
 def test_every_finding_names_its_anchor_and_every_check_is_listed():
     everything = env(Profile(platform="colab", device="cpu", ram_gb=4.0, torch_version="2.13.0+cpu"), nvidia_gpu=True,
-                     torch_cuda=None, versions={"bitsandbytes": "0.50.2", "xformers": "0.0.28"},
+                     torch_cuda=None, versions={"bitsandbytes": "0.50.2", "xformers": "0.0.28", "notebook": "6.5.7",
+                                                "widgetsnbextension": "3.6.10"},
                      xformers_torch="2.5.1", import_errors={"torchvision": "RuntimeError: operator torchvision::nms "
                                                                             "does not exist"},
                      drive_mounted=False, model="sd3-medium", version_problems=[("peft", "0.30", "<0.22")],
@@ -265,3 +266,15 @@ def test_the_driver_and_its_cuda_are_read_from_nvidia_smi_or_proc(monkeypatch, t
     (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15")
     monkeypatch.setattr(doctor, "NVIDIA_PROC", tmp_path / "version")
     assert doctor._nvidia() == (True, None)  # a driver, but no nvidia-smi to say its CUDA
+
+
+@pytest.mark.parametrize("notebook, extension, found", [
+    ("6.5.7", "3.6.10", True), ("6.5.7", "3.6.7", True), ("6.5.7", "3.6.6", False), ("7.4.0", "3.6.10", False),
+    ("6.5.7", "4.0.16", False), (None, "3.6.10", False)])
+def test_widgets_output_in_notebook6(notebook, extension, found):
+    e = env(Profile(platform="local", device="cpu", ram_gb=16.0, torch_version="2.13.0+cpu"),
+            versions={"notebook": notebook, "widgetsnbextension": extension})
+    findings = doctor.check_widgets_output(e)
+    assert bool(findings) == found
+    if found:
+        assert "widgetsnbextension==3.6.6" in findings[0].fix and extension in findings[0].problem

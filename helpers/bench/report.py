@@ -57,7 +57,7 @@ def image_grid(images, labels, cell: int = 256, band: int = 20):
 
 def _save_figure(figure, path: Path) -> Path:
     with storage.atomic_open(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=100)
+        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")   # a title longer than the axes kept whole
     return path
 
 
