@@ -37,8 +37,11 @@ from helpers import loading
 BAR = re.compile(r"\d+/\d+\s+\[")   # a tqdm bar's text: "2/4 [00:01<00:01, ...]"
 
 
-def _panel(page, index: int = 1):
-    return page.output(index)
+def _show_panel(page):
+    """Run the setup cell (0) and the panel's cell (1); the panel (cell 1's output)."""
+    page.run(0)
+    page.run(1)
+    return page.output(1)
 
 
 def _button(panel, name: str):
@@ -90,9 +93,7 @@ def test_chat_panel_upload_ask_watch_the_answer_stream_in(notebook, tmp_path):
                 "session = vlm.ChatSession(model, processor, settings=vlm.GenerationSettings(max_new_tokens=12))",
         "from helpers.widgets import ChatPanel\npanel = ChatPanel(session)\npanel",
         "print('TURNS', len(session.turns), [len(t.images) for t in session.turns])"])
-    page.run(0)
-    page.run(1)
-    panel = _panel(page)
+    panel = _show_panel(page)
     with page.page.expect_file_chooser() as chooser:   # ipywidgets 8 keeps its <input type=file> off the page
         panel.locator(".widget-upload").click()
     chooser.value.set_files(str(page.server.root / "photo.png"))
@@ -123,9 +124,7 @@ def test_caption_panel_captions_a_folder_then_saves_an_edit(notebook):
                 "folder.mkdir()\nfor i in range(2):\n    image.rotate(90 * i).save(folder / f'photo{i}.png')",
         "from helpers.widgets import CaptionPanel\npanel = CaptionPanel(model, processor, folder=str(folder))\npanel",
         "print('CAPTION', repr((folder / 'photo0.txt').read_text()))"])
-    page.run(0)
-    page.run(1)
-    panel = _panel(page)
+    panel = _show_panel(page)
     panel.locator("select").select_option("short")
     panel.locator("input[placeholder^='optional']").fill("sks")
     _busy_then_done(page, panel, _button(panel, "Caption"))
@@ -147,9 +146,7 @@ def test_reasoning_panel_shows_steps_and_answer(notebook):
     page = notebook("reasoning", [
         LLAVA + "\nslowed(model.model.language_model, 0.02)",
         "from helpers.widgets import ReasoningPanel\npanel = ReasoningPanel(model, processor, image=image)\npanel"])
-    page.run(0)
-    page.run(1)
-    panel = _panel(page)
+    panel = _show_panel(page)
     panel.locator("textarea[placeholder='Question']").fill("How many circles are there?")
     panel.locator("textarea[placeholder^='Choices']").fill("1\n2\n3")
     _busy_then_done(page, panel, _button(panel, "Reason"), progress="working")
@@ -165,9 +162,7 @@ def test_generate_panel_progress_inside_and_the_gallery(notebook):
         "from helpers.widgets import GeneratePanel\npanel = GeneratePanel(pipe, model_name='sd15')\npanel",
         "from helpers import read_parameters\n"
         "print('STEPS', panel.steps.value, read_parameters(panel.result.save()[0])['Steps'])"])
-    page.run(0)
-    page.run(1)
-    panel = _panel(page)
+    panel = _show_panel(page)
     panel.locator("textarea").first.fill("a red car")
     _set_slider(panel, "Steps", 3)   # SMOKE MODE would cap the default 25 at 4
     _busy_then_done(page, panel, _button(panel, "Generate"))
@@ -182,9 +177,7 @@ def test_benchmark_panel_table_plots_and_grids_fit(notebook):
     page = notebook("benchmark", [
         "from pathlib import Path\nfrom helpers.widgets import BenchmarkPanel",
         "panel = BenchmarkPanel(models=('sd15',), out=Path('bench'))\npanel"])
-    page.run(0)
-    page.run(1)
-    panel = _panel(page)
+    panel = _show_panel(page)
     panel.locator("textarea").fill("a red apple on a table")
     _set_slider(panel, "Steps", 2)
     _busy_then_done(page, panel, _button(panel, "Run"), progress="working", timeout_s=300)
@@ -205,9 +198,7 @@ def test_inpaint_panel_paint_progress_result(notebook):
         "\npanel",
         "m = np.asarray(panel.mask())\nys, xs = np.nonzero(m > 127)\n"
         "print('MASK', panel.mask_source.value, m.shape, xs.min(), xs.max(), ys.min(), ys.max())"])
-    page.run(0)
-    page.run(1)
-    panel = _panel(page)
+    panel = _show_panel(page)
     canvas = panel.locator(".helpers-mask canvas")
     canvas.wait_for(timeout=60_000)
     canvas.evaluate("c => c.scrollIntoView({block: 'center'})")   # all of it on the screen, to paint on
