@@ -251,10 +251,12 @@ def check_torchvision(env: Environment) -> list[Finding]:
 
 
 def check_widgets_output(env: Environment) -> list[Finding]:
+    from packaging.version import Version
+
     notebook, extension = env.versions.get("notebook"), env.versions.get("widgetsnbextension")
-    if not notebook or not extension or _major_minor(notebook)[:1] >= (7,):
+    if not notebook or not extension or Version(notebook).major >= 7:
         return []
-    if not (3, 6, 7) <= tuple(int(p) for p in re.findall(r"\d+", extension)[:3]) < (4,):
+    if not Version("3.6.7") <= Version(extension) < Version("4"):
         return []
     return [Finding("widgets-output-notebook6", f"widgetsnbextension {extension} with the classic Notebook "
                     f"{notebook}: the panels show \"Error displaying widget\"",

@@ -184,10 +184,10 @@ class ChatPanel(_Panel):
     def send(self) -> None:
         try:
             images = uploaded_images(self.upload.value)
-            answer, asking = "", (self.question.value, images)
-            for piece in self.session.stream(self.question.value, images=images):
+            question, answer = self.question.value, ""
+            for piece in self.session.stream(question, images=images):
                 answer += piece
-                self._render(asking, streaming=answer)
+                self._render((question, images), streaming=answer)
             self.question.value = ""
             _clear_upload(self.upload)
             self.status.value = ""

@@ -87,7 +87,7 @@ def _set_slider(panel, label: str, value) -> None:
     readout.press("Enter")
 
 
-def test_chat_panel_upload_ask_watch_the_answer_stream_in(notebook, tmp_path):
+def test_chat_panel_upload_ask_watch_the_answer_stream_in(notebook):
     page = notebook("chat", [
         LLAVA + "\nslowed(model.model.language_model, 0.25)\nimage.save('photo.png')\n"
                 "session = vlm.ChatSession(model, processor, settings=vlm.GenerationSettings(max_new_tokens=12))",
